@@ -527,45 +527,6 @@ def _user_run(args) -> int:
     return 0
 
 
-def _refuse_circuit_masks(args) -> None:
-    """Refuse a token file (``--data`` or ``--corrupted`` of ``circuit --model``) holding an ``attention_mask``: the
-    circuit command reads the token array alone and scores the last column, so its padding would be read as text.
-    A file that cannot be read as a token file (a prompt file, a damaged file) is left to the circuit command's own
-    reading, which names what it holds."""
-    import inspect
-
-    from .circuits import edge_attribution
-    from .experiments.user_model import has_padding, load_tokens
-
-    for flag, path in (("--data", args.tokens), ("--corrupted", getattr(args, "corrupted", None))):
-        if path is None or not str(path).lower().endswith(".npz"):
-            continue
-        try:
-            _, mask = load_tokens(path, argument=flag.lstrip("-"), with_mask=True)
-        except ValueError:
-            continue
-        if mask is None:
-            continue
-        if has_padding(mask):
-            m = mask.bool()
-            row = int((~m).any(-1).nonzero()[0, 0])
-            what = f"marks padding (row {row} has {int((~m[row]).sum())} padding tokens)"
-        else:
-            what = "marks no padding (every token is real)"
-        python = (
-            "pypattern.circuits.edge_attribution(..., attention_mask=mask) takes padding on either side"
-            if "attention_mask" in inspect.signature(edge_attribution).parameters
-            else "the circuit functions take no mask: right-padded prompts with a metric reading each prompt's "
-            "last real token"
-        )
-        raise ValueError(
-            f"{flag} {str(path)!r} holds an 'attention_mask' array that {what}, which circuit does not read: the "
-            "command passes no attention mask and scores the last column, so circuits on the command line take "
-            "unpadded prompts only; give the token array alone, of sequences of one length without padding (in "
-            f"Python, {python})"
-        )
-
-
 class _Parser(argparse.ArgumentParser):
     """An argument parser that reads every negative number as a value, not as an option: argparse itself (before
     Python 3.13) takes only ``-3`` and ``-.5`` for numbers, so ``--step-size -1e-4`` or ``--nbeta -inf`` would end
@@ -1015,8 +976,6 @@ def _run(args) -> int:
             print(json.dumps(backends(args.op), indent=2))
         return 0
     if args.cmd == "circuit":
-        if args.model_dir:
-            _refuse_circuit_masks(args)
         _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))
         return 0
     if args.cmd in ("chi", "llc", "patch") and args.model:

@@ -274,14 +274,6 @@ def test_padded_files_refused_with_one_line_errors(llama_dir, files, tmp_path, c
     np.save(tmp_path / "plain.npy", ids)
     err = _err(["patch", *base, "--data", str(tmp_path / "plain.npy"), "--corrupted", str(cpath)], capsys)
     assert "differs from the mask of --data" in err and "(it has none: all 1s)" in err
-    # circuits take no mask: refused naming the file
-    for flags in (["--data", str(path)], ["--data", str(tmp_path / "plain.npy"), "--corrupted", str(cpath)]):
-        err = _err(["circuit", *base, *flags], capsys)
-        assert (
-            "pypattern circuit: error: --" in err
-            and "holds an 'attention_mask' array that marks padding" in err
-        )
-        assert "circuits on the command line take unpadded prompts only" in err
     # several arrays, none named tokens or input_ids: refused naming them, as before
     np.savez(tmp_path / "names.npz", ids=ids, attention_mask=mask)
     err = _err(["llc", *base, "--data", str(tmp_path / "names.npz"), *SAMPLING], capsys)
@@ -352,3 +344,225 @@ def test_chi_probes_the_real_tokens_of_a_padded_file(llama_dir, files, tmp_path)
     counted = np.array([mask[int(c[1 : c.index("p")]), int(c[c.index("p") + 1 :])] == 1 for c in cols])
     assert not counted.all() and counted.any()
     assert np.all(chi[:, ~counted] == 0) and np.isfinite(chi).all() and np.abs(chi[:, counted]).max() > 0
+
+
+# ------------------------------------------------------------------------------------------------------- circuit
+
+
+def _hf_last_logprobs(model_dir, ids, mask) -> torch.Tensor:
+    """Each row's real tokens run alone, unpadded, through the Hugging Face model's own forward: the log-softmax at
+    its last real token, ``(rows, vocab)``."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    out = []
+    with torch.no_grad():
+        for r, m in zip(ids, mask, strict=True):
+            real = torch.as_tensor(r[m == 1])[None]
+            out.append(torch.log_softmax(hf(input_ids=real).logits[0, -1].double(), -1))
+    return torch.stack(out)
+
+
+def _edge_scores(path, method: str) -> dict:
+    """``{edge name: score}`` of one method in the command's ``edge_scores.csv``."""
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    df = df[df["method"] == method]
+    return dict(zip(df["name"], df["score"], strict=True))
+
+
+def _check_scores(got: dict, ref) -> None:
+    want = dict(zip(ref.to_pandas()["name"], ref.to_pandas()["score"], strict=True))
+    assert set(got) == set(want) and len(got) > 20
+    names = sorted(want)
+    np.testing.assert_allclose([got[n] for n in names], [want[n] for n in names], rtol=1e-5, atol=1e-9)
+    assert max(abs(v) for v in want.values()) > 1e-4  # the edges act
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_circuit_scores_equal_edge_attribution_with_the_mask(side, llama_dir, files, tmp_path):
+    """circuit on a padded file with --corrupted: every method's scores are edge_attribution(...,
+    attention_mask=mask) with the log-probability of the model's own top prediction read at each prompt's last real
+    token (the last column when left-padded, per prompt when right-padded); that prediction, and the pruning curve's
+    clean and corrupted ends, are those of each prompt run alone, unpadded, through the Hugging Face model."""
+    import pypattern
+    from pypattern.circuits import edge_attribution
+    from pypattern.patching import LogProb
+
+    path, cpath, ids, mask, corr, _ = files[1][side]
+    out = tmp_path / "circuit"
+    argv = ["circuit", "--model", str(llama_dir), "--data", str(path), "--corrupted", str(cpath),
+            "--methods", "eap,exact", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "circuit_summary.json").read_text())
+    last = [6] * 6 if side == "left" else [n - 1 for n in LENGTHS]
+    assert summary["attention_mask"] is True and summary["ablation"] == "resample"
+    assert summary["metric_position"] == (
+        "the last column (each prompt's last real token)" if side == "left" else last
+    )
+    clean_lp = _hf_last_logprobs(llama_dir, ids, mask)
+    corr_lp = _hf_last_logprobs(llama_dir, corr, mask)
+    answer = clean_lp.argmax(-1)
+    # the curve's ends: every edge kept is the clean run, none kept the corrupted run (mean over the prompts)
+    import pandas as pd
+
+    curve = pd.read_csv(out / "pruning_curve.csv")
+    exact = curve[curve["method"] == "exact"]
+    full = float(exact[exact["edges"] == summary["num_edges"]]["metric"].iloc[0])
+    empty = float(exact[exact["edges"] == 0]["metric"].iloc[0])
+    rows = torch.arange(6)
+    assert full == pytest.approx(float(clean_lp[rows, answer].mean()), rel=1e-5)
+    assert empty == pytest.approx(float(corr_lp[rows, answer].mean()), rel=1e-5)
+    assert abs(full - empty) > 1e-4  # the corrupted token moves the metric, well beyond rel=1e-5
+    model = pypattern.from_pretrained(llama_dir)
+    position = -1 if side == "left" else torch.as_tensor(last)
+    metric = LogProb(answer, position=position)
+    t, c, m = torch.as_tensor(ids), torch.as_tensor(corr), torch.as_tensor(mask)
+    for method in ("eap", "exact"):
+        ref = edge_attribution(model, t, c, metric=metric, method=method, attention_mask=m, quiet=True)
+        _check_scores(_edge_scores(out / "edge_scores.csv", method), ref)
+    # without the mask, reading the last column (padding read as text, and read by the metric when right-padded):
+    # other scores
+    other = edge_attribution(model, t, c, metric=LogProb(answer), method="exact", quiet=True)
+    got = _edge_scores(out / "edge_scores.csv", "exact")
+    names = [str(n) for n in other.to_pandas()["name"]]
+    assert not np.allclose([got[n] for n in names], other.to_pandas()["score"], rtol=1e-3, atol=1e-6)
+
+
+def test_circuit_mean_ablation_over_right_padding(llama_dir, files, tmp_path):
+    """Without --corrupted, a right-padded file: each edge carries its mean over the prompts real at each position
+    (edge_attribution(..., ablation="mean", attention_mask=mask))."""
+    import pypattern
+    from pypattern.circuits import edge_attribution
+    from pypattern.patching import LogProb
+
+    path, _, ids, mask, _, _ = files[1]["right"]
+    out = tmp_path / "mean"
+    argv = ["circuit", "--model", str(llama_dir), "--data", str(path), "--methods", "eap", "--out", str(out)]
+    assert main([*argv, "--quiet"]) == 0
+    summary = json.loads((out / "circuit_summary.json").read_text())
+    assert summary["ablation"] == "mean" and summary["metric_position"] == [n - 1 for n in LENGTHS]
+    answer = _hf_last_logprobs(llama_dir, ids, mask).argmax(-1)
+    model = pypattern.from_pretrained(llama_dir)
+    metric = LogProb(answer, position=torch.as_tensor([n - 1 for n in LENGTHS]))
+    ref = edge_attribution(
+        model, torch.as_tensor(ids), None, metric=metric, method="eap", ablation="mean",
+        attention_mask=torch.as_tensor(mask), quiet=True,
+    )  # fmt: skip
+    _check_scores(_edge_scores(out / "edge_scores.csv", "eap"), ref)
+
+
+def test_circuit_prompt_file_with_an_attention_mask(llama_dir, files, tmp_path, capsys):
+    """A prompt .npz (clean, corrupted, answer, wrong) may hold an attention_mask shared by clean and corrupted:
+    the logit difference is read at each prompt's last real token, every run under the mask."""
+    import pypattern
+    from pypattern.circuits import edge_attribution
+    from pypattern.circuits.cli import load_prompts
+    from pypattern.patching import LogitDiff
+
+    _, _, ids, mask, corr, _ = files[1]["right"]
+    ans, wrong = np.arange(6) + 1, np.arange(6) + 8
+    np.savez(tmp_path / "p.npz", clean=ids, corrupted=corr, answer=ans, wrong=wrong, attention_mask=mask)
+    out = tmp_path / "o"
+    argv = ["circuit", "--model", str(llama_dir), "--data", str(tmp_path / "p.npz"), "--methods", "eap"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "circuit_summary.json").read_text())
+    assert summary["attention_mask"] is True and summary["metric_position"] == [n - 1 for n in LENGTHS]
+    model = pypattern.from_pretrained(llama_dir)
+    last = torch.as_tensor([n - 1 for n in LENGTHS])
+    ref = edge_attribution(
+        model, torch.as_tensor(ids), torch.as_tensor(corr), metric=LogitDiff(torch.as_tensor(ans),
+        torch.as_tensor(wrong), position=last), method="eap", attention_mask=torch.as_tensor(mask), quiet=True,
+    )  # fmt: skip
+    _check_scores(_edge_scores(out / "edge_scores.csv", "eap"), ref)
+    # the Python reader: the mask with with_mask=True, refused without it
+    c, _, metric, m = load_prompts(str(tmp_path / "p.npz"), with_mask=True)
+    assert torch.equal(m, torch.as_tensor(mask)) and torch.equal(metric.position, last)
+    with pytest.raises(ValueError, match=r"holds \['attention_mask'\] besides .*with_mask=True"):
+        load_prompts(str(tmp_path / "p.npz"))
+    # a mask of another shape, refused naming the array
+    np.savez(tmp_path / "bad.npz", clean=ids, corrupted=corr, answer=ans, attention_mask=mask[:, :5])
+    capsys.readouterr()
+    err = _err([*argv[:4], str(tmp_path / "bad.npz"), "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert (
+        "its array 'attention_mask' has shape (6, 5); it must equal the shape of its token array 'clean'"
+        in err
+    )
+
+
+def test_circuit_refuses_masks_it_cannot_read(llama_dir, files, tmp_path, capsys):
+    """One-line errors: a corrupted file whose mask is not the data's; left padding without --corrupted (the mean
+    ablation would average each column over tokens at other positions); corrupted prompts equal to the clean ones
+    on every real token (they differ at the padding only)."""
+    _, f = files
+    base = ["circuit", "--model", str(llama_dir), "--out", str(tmp_path / "o"), "--methods", "eap", "--quiet"]
+    path, cpath, ids, mask, corr, _ = f["left"]
+    other = mask.copy()
+    other[2, 3] = 1
+    np.savez(tmp_path / "cmask.npz", tokens=corr, attention_mask=other)
+    err = _err([*base, "--data", str(path), "--corrupted", str(tmp_path / "cmask.npz")], capsys)
+    assert (
+        f"pypattern circuit: error: --corrupted {str(tmp_path / 'cmask.npz')!r}: its array 'attention_mask' "
+        f"differs from the mask of --data {str(path)!r} (first at row 2)" in err
+    )
+    np.save(tmp_path / "plain.npy", ids)
+    err = _err([*base, "--data", str(tmp_path / "plain.npy"), "--corrupted", str(cpath)], capsys)
+    assert "differs from the mask of --data" in err and "(it has none: all 1s)" in err
+    err = _err([*base, "--data", str(path)], capsys)
+    assert f"pypattern circuit: error: --data {str(path)!r} is left-padded" in err
+    assert "give corrupted prompts of the same mask (--corrupted FILE) or pad the prompts on the right" in err
+    pad = np.where(mask == 1, ids, 5)
+    np.savez(tmp_path / "pad5.npz", tokens=pad, attention_mask=mask)
+    err = _err([*base, "--data", str(path), "--corrupted", str(tmp_path / "pad5.npz")], capsys)
+    assert "equals the token file --data" in err and "on every real token (attention_mask 1)" in err
+
+
+def test_circuit_resume_with_another_mask_is_another_run(llama_dir, files, tmp_path, capsys):
+    """--checkpoint fingerprints the mask: the same tokens under another mask are refused; the same files resume
+    with the same scores."""
+    path, cpath, ids, mask, corr, _ = files[1]["right"]
+    other = mask.copy()
+    other[2, 3:] = 1  # row 2 reads its padding as text
+    np.savez(tmp_path / "d.npz", tokens=ids, attention_mask=other)
+    np.savez(tmp_path / "c.npz", tokens=corr, attention_mask=other)
+    ck = tmp_path / "ck"
+    argv = ["circuit", "--model", str(llama_dir), "--methods", "exact", "--checkpoint", str(ck), "--quiet"]
+    assert main([*argv, "--data", str(path), "--corrupted", str(cpath), "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--data", str(path), "--corrupted", str(cpath), "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    a, b = (_edge_scores(tmp_path / x / "edge_scores.csv", "exact") for x in "ab")
+    assert a == b
+    err = _err([*argv, "--data", str(tmp_path / "d.npz"), "--corrupted", str(tmp_path / "c.npz"),
+                "--out", str(tmp_path / "c")], capsys)  # fmt: skip
+    assert "pypattern circuit: error: checkpoint" in err and "exact_edge_scores.npz" in err
+    assert "was written by a different run" in err
+
+
+def test_circuit_without_a_mask_as_before(llama_dir, tmp_path):
+    """A token file without a mask, and the same tokens with a mask of no padding: the same scores, those of
+    edge_attribution without a mask read at the last column; the summary of the file without a mask names none."""
+    import pypattern
+    from pypattern.circuits import edge_attribution
+    from pypattern.patching import LogProb
+
+    rng = np.random.default_rng(7)
+    ids = rng.integers(1, V, size=(4, 5))
+    corr = ids.copy()
+    corr[:, 2] = (corr[:, 2] + 3) % V
+    np.savez(tmp_path / "t.npz", tokens=ids)
+    np.savez(tmp_path / "c.npz", tokens=corr)
+    np.savez(tmp_path / "tm.npz", tokens=ids, attention_mask=np.ones_like(ids))
+    base = ["circuit", "--model", str(llama_dir), "--methods", "eap", "--quiet"]
+    assert main([*base, "--data", str(tmp_path / "t.npz"), "--corrupted", str(tmp_path / "c.npz"),
+                 "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    assert main([*base, "--data", str(tmp_path / "tm.npz"), "--corrupted", str(tmp_path / "c.npz"),
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    plain = json.loads((tmp_path / "a" / "circuit_summary.json").read_text())
+    assert "attention_mask" not in plain and "metric_position" not in plain
+    got = _edge_scores(tmp_path / "a" / "edge_scores.csv", "eap")
+    assert got == _edge_scores(tmp_path / "b" / "edge_scores.csv", "eap")
+    answer = _hf_last_logprobs(llama_dir, ids, np.ones_like(ids)).argmax(-1)
+    model = pypattern.from_pretrained(llama_dir)
+    ref = edge_attribution(
+        model, torch.as_tensor(ids), torch.as_tensor(corr), metric=LogProb(answer), method="eap", quiet=True
+    )
+    _check_scores(got, ref)

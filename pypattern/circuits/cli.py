@@ -15,6 +15,16 @@ text: ``.txt``, ``.csv``, ``.tsv``, one sequence of ids per line, as ``pypattern
 optional ``--corrupted`` token file of the same shape. With a plain token file the metric is the log-probability of
 the model's own top prediction on each clean prompt at its last position, and an edge carries the corrupted prompts'
 value (resample ablation) or, without them, the mean over the prompts (mean ablation).
+
+Padded prompts: an ``.npz`` token file may hold an ``attention_mask`` array beside its ``tokens`` (or ``input_ids``),
+1 at a real token and 0 at padding, on either side (as :func:`~pypattern.experiments.user_model.load_tokens` reads
+it with ``with_mask=True``), and a prompt file an ``attention_mask`` of ``clean``'s shape shared by ``clean`` and
+``corrupted``. Every circuit function then runs under it (``attention_mask=``: each row's real tokens at positions
+``0 .. n-1``), and the metric reads each prompt's last real token: the last column when every row's last column is
+real (left padding), else a per-prompt ``position=`` (right padding). A corrupted token file's mask must equal the
+data's (one without a mask takes the data's). The mean ablation (no corrupted file) needs right padding: a
+left-padded file without ``--corrupted`` is refused. The summary records ``attention_mask: true`` and the metric's
+``metric_position``.
 """
 
 from __future__ import annotations
@@ -231,9 +241,21 @@ _PROMPT_ARRAYS = ("clean", "corrupted", "answer", "wrong")
 
 
 def load_prompts(
-    path: str, *, vocab_size: int | None = None, n_ctx: int | None = None, rotary_limit: int | None = None
+    path: str,
+    *,
+    vocab_size: int | None = None,
+    n_ctx: int | None = None,
+    rotary_limit: int | None = None,
+    with_mask: bool = False,
 ):
     """``(clean, corrupted, metric)`` from a prompt file (see the module docstring).
+
+    ``with_mask=True`` returns ``(clean, corrupted, metric, attention_mask)`` and reads an optional
+    ``attention_mask`` array (1 at a real token, 0 at padding, on either side; clean's shape), shared by the clean
+    and corrupted prompts (None when the file has none): the metric then reads each prompt's last real token (the
+    last column unless a row is right-padded: per-prompt positions), and corrupted prompts equal to the clean ones
+    on every real token are refused. Without ``with_mask`` an ``attention_mask`` array is refused (its padding
+    would be read as text).
 
     Raises
     ------
@@ -261,17 +283,25 @@ def load_prompts(
             raise ValueError(
                 f"tokens={path!r} lacks {missing}; it needs clean, corrupted, answer (and wrong)"
             )
-        extra = [k for k in z.files if k not in _PROMPT_ARRAYS]
+        known = (*_PROMPT_ARRAYS, "attention_mask") if with_mask else _PROMPT_ARRAYS
+        extra = [k for k in z.files if k not in known]
         if extra:
             raise ValueError(
-                f"tokens={path!r} holds {extra} besides {[k for k in _PROMPT_ARRAYS if k in z.files]}, which "
-                "circuit does not read; keep only clean, corrupted, answer (and wrong)"
+                f"tokens={path!r} holds {extra} besides {[k for k in known if k in z.files]}, which "
+                "circuit does not read; keep only clean, corrupted, answer (and wrong"
+                + (", attention_mask)" if with_mask else ")")
+                + (
+                    " (load_prompts(..., with_mask=True) reads an attention_mask)"
+                    if "attention_mask" in extra
+                    else ""
+                )
             )
         try:
             clean = _ids(z, "clean", path, 2)
             corr = _ids(z, "corrupted", path, 2)
             ans = _ids(z, "answer", path, 1)
             wrong = _ids(z, "wrong", path, 1) if "wrong" in z.files else None
+            raw_mask = z["attention_mask"] if "attention_mask" in z.files else None
         except ValueError as e:
             if str(e).startswith("tokens="):
                 raise
@@ -294,10 +324,20 @@ def load_prompts(
                 f"tokens={path!r}: {key} ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}) "
                 f"for this model; found {lo}..{hi}"
             )
-    if torch.equal(corr, clean):
+    mask = None
+    if raw_mask is not None:
+        from pathlib import Path
+
+        from ..experiments.user_model import _checked_mask
+
+        mask = _checked_mask(raw_mask, tuple(clean.shape), Path(path), "tokens", "clean")
+    real = None if mask is None else mask.bool()
+    if torch.equal(corr, clean) if real is None else torch.equal(corr[real], clean[real]):
         raise ValueError(
-            f"tokens={path!r}: corrupted equals clean: every edge would carry its clean value, so every score is 0; "
-            "give corrupted prompts that differ from the clean ones"
+            f"tokens={path!r}: corrupted equals clean"
+            + ("" if real is None else " on every real token (attention_mask 1)")
+            + ": every edge would carry its clean value, so every score is 0; give corrupted prompts that differ "
+            "from the clean ones"
         )
     if wrong is not None:
         same = torch.nonzero(wrong == ans).ravel().tolist()
@@ -320,16 +360,47 @@ def load_prompts(
         from ..experiments.user_model import length_check_error
 
         raise length_check_error(path, "tokens", clean.shape[1], None, rotary_limit)
-    metric = LogitDiff(ans, wrong) if wrong is not None else LogProb(ans)
-    return clean, corr, metric
+    position = metric_position(mask)
+    metric = LogitDiff(ans, wrong, position) if wrong is not None else LogProb(ans, position)
+    return (clean, corr, metric, mask) if with_mask else (clean, corr, metric)
 
 
-def user_prompts(model, tokens: str, corrupted: str | None = None):
+def metric_position(mask: torch.Tensor | None) -> int | torch.Tensor:
+    """Where a metric reads each prompt under the ``attention_mask`` ``mask``: its last real token. ``-1`` (the
+    last column) without a mask or when every row's last column is real (no padding, or left padding); else the
+    per-prompt columns of the last real tokens, a LongTensor ``(batch,)`` (right padding)."""
+    if mask is None:
+        return -1
+    from ..experiments.user_model import last_real_positions
+
+    last = last_real_positions(mask)
+    return -1 if bool((last == mask.shape[1] - 1).all()) else last
+
+
+def _position_text(position) -> str | list[int]:
+    """A metric position as the summary records it."""
+    if isinstance(position, int):
+        return "the last column (each prompt's last real token)"
+    return [int(v) for v in position]
+
+
+def user_prompts(model, tokens: str, corrupted: str | None = None, *, with_mask: bool = False):
     """``(clean, corrupted, metric, ablation)`` for ``model`` from a prompt file (see the module docstring): an
     ``.npz`` with ``clean``, ``corrupted`` and ``answer`` as :func:`load_prompts` reads, or a plain token file with
     an optional corrupted token file. ``model=None``: each token file checked alone, without a model (format,
-    dtype, shape, ids >= 0), before one is loaded (a prompt file is checked once the model is); returns None."""
-    from ..experiments.user_model import load_tokens, token_limits
+    dtype, shape, ids >= 0, a left-padded mask without a corrupted file), before one is loaded (a prompt file is checked once the model
+    is); returns None.
+
+    ``with_mask=True`` returns ``(clean, corrupted, metric, ablation, attention_mask)`` and reads the files'
+    ``attention_mask`` arrays (:func:`~pypattern.experiments.user_model.load_tokens` with ``with_mask=True``, or a
+    prompt file's, :func:`load_prompts`); None when the data has none. A corrupted token file's mask must equal the
+    data's (:func:`~pypattern.experiments.user_model.check_same_mask`; one without a mask takes the data's). The
+    metric reads each prompt's last real token (:func:`metric_position`); the model's own top prediction there is
+    computed under the mask (each row's real tokens at positions ``0 .. n-1``). Without a corrupted file, a
+    left-padded mask is refused: the mean ablation averages each column over the prompts, and the columns of
+    left-padded prompts hold tokens at other positions of their prompts. Without ``with_mask`` a file holding an
+    ``attention_mask`` is refused (its padding would be read as text)."""
+    from ..experiments.user_model import check_same_mask, left_padded, load_tokens, token_limits
     from ..patching import LogProb
 
     limits = {} if model is None else token_limits(model)
@@ -349,37 +420,86 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
                     "corrupted prompts; give one or the other (a plain token file of clean prompts reads a "
                     "corrupted file)"
                 )
-            clean, corr, metric = load_prompts(tokens, **limits)
-            return clean, corr, metric, "resample"
-    clean = load_tokens(tokens, **limits)
+            if not with_mask:
+                return (*load_prompts(tokens, **limits), "resample")
+            clean, corr, metric, mask = load_prompts(tokens, **limits, with_mask=True)
+            return clean, corr, metric, "resample", mask
+    if with_mask:
+        clean, mask = load_tokens(tokens, **limits, with_mask=True)
+    else:
+        clean, mask = load_tokens(tokens, **limits), None
     corr = None
     if corrupted is not None:
-        corr = load_tokens(corrupted, **limits, argument="corrupted")
+        if with_mask:
+            corr, corr_mask = load_tokens(corrupted, **limits, argument="corrupted", with_mask=True)
+        else:
+            corr, corr_mask = load_tokens(corrupted, **limits, argument="corrupted"), None
+    elif left_padded(mask):
+        row = int((mask.bool()[:, 1:] & ~mask.bool()[:, :-1]).any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"tokens={tokens!r} is left-padded (its attention_mask has padding before a real token in row {row}): "
+            "without a corrupted file an edge carries its mean over the prompts at each column, and the columns of "
+            "left-padded prompts hold tokens at other positions of their prompts; give corrupted prompts of the "
+            "same mask (--corrupted FILE) or pad the prompts on the right"
+        )
     if model is None:
         return None
+    real = None if mask is None else mask.bool()
     if corr is not None:
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match that of the clean prompts, "
                 f"tokens={tokens!r}: {tuple(clean.shape)}"
             )
-        if torch.equal(corr, clean):
+        try:
+            check_same_mask(corrupted, corr_mask, tokens, mask)
+        except ValueError as e:  # the data named as this function's argument, tokens=
+            raise ValueError(str(e).replace(f"data={str(tokens)!r}", f"tokens={str(tokens)!r}")) from None
+        if torch.equal(corr, clean) if real is None else torch.equal(corr[real], clean[real]):
             raise ValueError(
-                f"corrupted={corrupted!r} equals the token file tokens={tokens!r}: every edge would carry its clean "
-                "value, so every score is 0; give corrupted prompts that differ from the clean ones"
+                f"corrupted={corrupted!r} equals the token file tokens={tokens!r}"
+                + ("" if real is None else " on every real token (attention_mask 1)")
+                + ": every edge would carry its clean value, so every score is 0; give corrupted prompts that "
+                "differ from the clean ones"
             )
-    elif bool((clean == clean[:1]).all()):
+    elif _same_prompts(clean, real):
         what = "one prompt" if clean.shape[0] == 1 else f"{clean.shape[0]} prompts, all the same"
         raise ValueError(
-            f"tokens={tokens!r} holds {what}: without a corrupted file an edge carries its mean over the "
-            "prompts, which is then each prompt's own value, so every score is 0; give at least two different "
-            "prompts or a corrupted file (--corrupted)"
+            f"tokens={tokens!r} holds {what}"
+            + ("" if real is None else " on their real tokens (attention_mask 1)")
+            + ": without a corrupted file an edge carries its mean over the prompts, which is then each prompt's "
+            "own value, so every score is 0; give at least two different prompts or a corrupted file (--corrupted)"
         )
     from .._checks import model_device
 
+    position = metric_position(mask)
+    dev = model_device(model, clean.device)
+    masking = {}
+    if mask is not None:  # each row's real tokens at positions 0 .. n-1, as the circuit functions run them
+        from ..models.transformer import real_token_positions
+
+        masking = {"attention_mask": mask.to(dev), "position_ids": real_token_positions(mask.bool()).to(dev)}
     with torch.no_grad():  # run where the model is; the answers kept on the CPU, as a prompt file's are
-        answer = model(clean.to(model_device(model, clean.device)))[:, -1].argmax(-1).cpu()
-    return clean, corr, LogProb(answer), ("resample" if corr is not None else "mean")
+        logits = model(clean.to(dev), **masking)
+        rows = torch.arange(clean.shape[0], device=logits.device)
+        at = logits[:, -1] if isinstance(position, int) else logits[rows, position.to(logits.device)]
+        answer = at.argmax(-1).cpu()
+    ablation = "resample" if corr is not None else "mean"
+    metric = LogProb(answer, position)
+    return (clean, corr, metric, ablation, mask) if with_mask else (clean, corr, metric, ablation)
+
+
+def _same_prompts(clean: torch.Tensor, real: torch.Tensor | None) -> bool:
+    """Whether the prompts ``clean`` are all the same where they are real (``real``: the mask as bools; None: every
+    token): at each column, every prompt real there holds the same id (right-padded prompts that are prefixes of
+    one another run alike at each real token)."""
+    if real is None:
+        return bool((clean == clean[:1]).all())
+    for col in range(clean.shape[1]):
+        ids = clean[real[:, col], col]
+        if ids.numel() and not bool((ids == ids[0]).all()):
+            return False
+    return True
 
 
 def _upcast(model_dir: str, model, argument: str = "model_dir", device=None):
@@ -505,6 +625,7 @@ def run_circuit_demo(
     with pinned_threads(threads):
         t0 = time.perf_counter()
         extra = {}
+        masking = {}  # the runs' attention mask (a token file's, with model_dir)
         if model_dir is None:
             pp = True if per_position is None else per_position
             if not quiet:
@@ -535,7 +656,7 @@ def run_circuit_demo(
 
             # the model folder's name, then the prompt files, checked before the model is loaded
             _check_model_folder(model_dir, model_argument)
-            user_prompts(None, tokens, corrupted)
+            user_prompts(None, tokens, corrupted, with_mask=True)
             # transformers' bar of loading the weights quiet too; the model (and an upcast copy) on the device
             with _quiet_transformers(quiet):
                 model = _upcast(
@@ -544,7 +665,9 @@ def run_circuit_demo(
                     model_argument,
                     device,
                 )
-            clean, corr, metric, ablation = user_prompts(model, tokens, corrupted)
+            clean, corr, metric, ablation, mask = user_prompts(model, tokens, corrupted, with_mask=True)
+            # the runs under the files' attention mask (none: as without one)
+            masking = {} if mask is None else {"attention_mask": mask}
             say(f"loaded {model_dir} and {clean.shape[0]} prompts of {clean.shape[1]} tokens")
             pp = False if per_position is None else per_position
             scores = {}
@@ -559,6 +682,7 @@ def run_circuit_demo(
                     per_position=pp,
                     ablation=ablation,
                     quiet=quiet,
+                    **masking,
                     **(
                         {"checkpoint": os.path.join(checkpoint, "exact_edge_scores.npz")}
                         if m == "exact" and checkpoint is not None
@@ -575,9 +699,13 @@ def run_circuit_demo(
                 ablation=ablation,
                 quiet=quiet,
                 checkpoint=None if checkpoint is None else os.path.join(checkpoint, "pruning_curve.npz"),
+                **masking,
             )
             say("pruning curve done")
             extra = {"task": f"{model_dir} on {tokens}", "ablation": ablation}
+            if mask is not None:
+                extra["attention_mask"] = True
+                extra["metric_position"] = _position_text(metric.position)
         chosen = methods[-1]
         # the top fraction of the edges, rounded; at least the top edge (a circuit of no edge is no circuit)
         num_edges = len(scores[chosen].graph)
@@ -595,7 +723,7 @@ def run_circuit_demo(
         circuit = scores[chosen].circuit(n=size)
         ablation_used = extra.get("ablation", "resample")
         circuit.faithfulness = faithfulness(
-            model, circuit.mask, clean, corr, metric=metric, ablation=ablation_used
+            model, circuit.mask, clean, corr, metric=metric, ablation=ablation_used, **masking
         )
         # each method's circuit of the same fraction (the pruning grid need not hold it)
         at_fraction = {
@@ -608,6 +736,7 @@ def run_circuit_demo(
                 corr,
                 metric=metric,
                 ablation=ablation_used,
+                **masking,
             )
             for m in methods
         }
@@ -706,16 +835,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="tokens",
         default=None,
         metavar="FILE",
-        help="with --model: .npz with integer arrays clean, corrupted, answer[, wrong] (no other; corrupted equal "
-        "to clean, or wrong equal to answer, is refused); or a token file (.npy, .npz, text: .txt, .csv, .tsv) of "
-        "clean prompts",
+        help="with --model: .npz with integer arrays clean, corrupted, answer[, wrong, attention_mask] (no other; "
+        "corrupted equal to clean, or wrong equal to answer, is refused); or a token file (.npy, .npz, text: .txt, "
+        ".csv, .tsv) of clean prompts; an .npz's attention_mask (padding on either side) is passed to every circuit "
+        "function and the metric reads each prompt's last real token",
     )
     p.add_argument(
         "--corrupted",
         default=None,
         metavar="FILE",
-        help="with --model and a token file: corrupted prompts of the same shape (default: mean ablation over "
-        "the prompts)",
+        help="with --model and a token file: corrupted prompts of the same shape and attention_mask (default: "
+        "mean ablation over the prompts, which left-padded prompts cannot take)",
     )
     p.add_argument(
         "--methods",
