@@ -740,6 +740,7 @@ _COMMAND_CHECKPOINT_FLAGS = {
         "corrupted": "--corrupted: other corrupted prompts, or Gaussian noise (no --corrupted) against a file",
         "corruption": "--seed: the Gaussian noise of the corrupted run drawn with another seed",
         "metric": "--model or --float64: other weights or another dtype (the clean run's logits differ)",
+        "attention_mask": "--data: another attention_mask array (other padding)",
     },
     "circuit": {
         "clean": "--data: other prompts",
@@ -752,6 +753,7 @@ _COMMAND_CHECKPOINT_FLAGS = {
         "buffers": "--model: other buffers",
         "architecture": "--model: another model",
         "moving": "--model: another model",
+        "attention_mask": "--data or --corrupted: another attention_mask array (other padding)",
     },
 }
 

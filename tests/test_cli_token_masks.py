@@ -566,3 +566,20 @@ def test_circuit_without_a_mask_as_before(llama_dir, tmp_path):
         model, torch.as_tensor(ids), torch.as_tensor(corr), metric=LogProb(answer), method="eap", quiet=True
     )
     _check_scores(got, ref)
+
+
+def test_patch_resume_with_another_mask_names_the_data(llama_dir, files, tmp_path, capsys):
+    """A patch run resumed on the same tokens under another attention mask is refused as another run, and the
+    error's hint names where the mask came from (--data)."""
+    path, _, ids, mask, _, _ = files[1]["left"]
+    other = mask.copy()
+    row = int(np.argmax(other.sum(1) > 1))
+    other[row, int(np.argmax(other[row]))] = 0  # the row's first real token becomes padding
+    other_path = tmp_path / "other.npz"
+    np.savez(other_path, tokens=ids, attention_mask=other)
+    ck = tmp_path / "ck"
+    argv = ["patch", "--model", str(llama_dir), "--sites", "resid_pre", "--quiet", "--checkpoint", str(ck)]
+    assert main(argv + ["--data", str(path), "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    err = _err(argv + ["--data", str(other_path), "--out", str(tmp_path / "b")], capsys)
+    assert "attention_mask" in err and "(on the command line: --data: another attention_mask array" in err
