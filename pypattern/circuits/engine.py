@@ -302,15 +302,17 @@ class EdgeEngine:
           differs from its base output ``out_u`` (bit for bit: the rows before the first corrupted token, or every
           row of an example whose source prompt is its base prompt): by induction over the stages every patched
           run equals the base run at those rows of a causal model, so the edge carries exactly zero. An edge into
-          a query input at a row whose query may attend one key only (the first row), in every layer's rows it
-          covers: that key's weight is 1 whatever the query. On a
-          per-position graph also an edge whose destination input at its row cannot reach the metric's row
-          (:func:`~pypattern.patching.inert.reach_positions`: rows after the metric's; the last layer's query and
-          MLP inputs and the logits at other rows; keys and values out of a sliding window's reach); what such
-          an edge changes is read only by edges of that kind.
+          a query input at a row whose query may attend one key only (the first row, each example's first real
+          token under an attention mask), in every layer's rows it covers: that key's weight is 1 whatever the
+          query. On a per-position graph also an edge whose destination input at its row cannot reach the
+          metric's row (:func:`~pypattern.patching.inert.reach_positions`: rows after the metric's; the last
+          layer's query and MLP inputs and the logits at other rows; keys and values out of a sliding window's
+          reach); what such an edge changes is read only by edges of that kind. Under an attention mask, an edge
+          into a padding row: no real token reads that row (a padding row's query attends no key).
         - ``alone``: ``fixed``, or an edge whose source has ``A_u == out_u`` at its row (without positions: at every
-          row the metric can read). A run whose patched edges are all ``alone`` edges for an example changes
-          nothing its metric reads (each node's output is the base run's by induction, so each carries zero).
+          row the metric can read; padding rows aside). A run whose patched edges are all ``alone`` edges for an
+          example changes nothing its metric reads (each node's output is the base run's by induction, so each
+          carries zero).
         - ``coupled``: the metric relates a run's examples (:func:`~pypattern.patching.api._couples_examples`): an
           example's metric is then left alone only where every example's is.
 
@@ -321,23 +323,31 @@ class EdgeEngine:
             return self._inert
         g, B, T = self.graph, self.B, self.T
         zero = (~(self.D != 0).any(-1)).cpu()  # (n_src, B, T): A_u == out_u at that row (a NaN differs)
+        pad = None if self.keep is None else ~self.keep.cpu()  # (B, T): padding rows of the attention mask
+        if pad is not None:
+            # a padding row reaches no real token (its key and value are masked out of every query, its query
+            # attends nothing, its MLP input and logits stay at that row): what a source carries there, or an
+            # edge into it, changes no metric; the runs compute such rows all the same
+            zero = zero | pad[None]
         pos = torch.full((B,), T - 1, dtype=torch.long) if self.uniform else self.pos.cpu().long()
         upto = torch.arange(T)[None, :] <= pos[:, None]  # (B, T): the rows the metric's row may read
         same = zero.all(0).int().cummin(1).values.bool()  # (B, T): before the first row any source differs
         # query inputs at rows whose query may attend one key only: its weight is 1 whatever the query
-        one_key = self._one_key_rows()  # (L, T)
+        one_key = self._one_key_rows(pad)  # (L, B, T)
         is_q = torch.tensor([q == "q" for q in g.dst_qkv], dtype=torch.bool)[g.dst_idx]
         lay = (g.dst_stage // 2).clamp(max=self.L - 1)[g.dst_idx]
         if not g.per_position:
             fixed = (same | ~upto).all(1)[None].expand(len(g), B)
-            fixed = fixed | (is_q[:, None] & (one_key[lay][:, None, :] | ~upto[None]).all(2))
+            fixed = fixed | (is_q[:, None] & (one_key[lay] | ~upto[None]).all(2))
             alone = (zero | ~upto[None]).all(2)[g.src_idx]  # (E, B)
         else:
             t = g.pos_idx
             inside = t < T  # rows cut off after the metric's
             tc = t.clamp(max=T - 1)
             fixed = same[:, tc].T | ~inside[:, None] | ~self._reach(pos, tc)
-            fixed = fixed | (is_q & one_key[lay, tc])[:, None]
+            fixed = fixed | (is_q[:, None] & one_key[lay, :, tc])
+            if pad is not None:  # an edge into a padding row
+                fixed = fixed | pad[:, tc].T
             alone = zero[g.src_idx, :, tc]  # (E, B)
         alone = alone | fixed
         with torch.no_grad():
@@ -349,17 +359,22 @@ class EdgeEngine:
         self._inert = (fixed.contiguous(), alone.contiguous(), coupled)
         return self._inert
 
-    def _one_key_rows(self) -> torch.Tensor:
-        """``(L, T)`` bool: the rows whose query may attend one key only in each layer (the first row; every row of
-        a sliding window of one), by the model's attention masks (none found: the first row)."""
+    def _one_key_rows(self, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """``(L, B, T)`` bool: the rows whose query may attend one key at most in each layer, for each example (the
+        first row; every row of a sliding window of one), by the model's attention masks (none found: the first
+        row). Under padding ``pad (B, T)`` (True at padding) the real keys only: each example's first real row,
+        and its padding rows, whose queries attend nothing."""
         rows = torch.arange(self.T)
-        out = torch.zeros(self.L, self.T, dtype=torch.bool)
+        out = torch.zeros(self.L, self.B, self.T, dtype=torch.bool)
         for layer in range(self.L):
             try:
                 allowed = ~self.view.model.blocks[layer].attn.attn_mask(rows, rows).cpu()
             except (AttributeError, TypeError):
                 allowed = rows[None, :] <= rows[:, None]
-            out[layer] = allowed.sum(1) == 1
+            if pad is None:
+                out[layer] = (allowed.sum(1) == 1)[None]
+            else:
+                out[layer] = (allowed[None] & ~pad[:, None, :]).sum(-1) <= 1
         return out
 
     def _reach(self, pos: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
@@ -1757,10 +1772,21 @@ def prepare_runs(
     if graph.per_position and graph.n_pos != T_full:
         raise ValueError(f"the graph has n_pos={graph.n_pos} positions; the prompts have {T_full}")
     limit = model.cfg.max_positions
-    if limit is not None and T_full > limit:
+    # the positions the runs read: under a mask with padding each row's real tokens at 0 .. n-1 (the longest
+    # prompt's n, whatever the padded length); without one, and for a mean ablation's reference prompts (run
+    # unmasked), every column
+    unmasked_refs = ablation == "mean" and mode == "noise" and corrupted is not None
+    padded = keep is not None and not bool(keep.all())
+    longest = int(keep.sum(1).max()) if padded and not unmasked_refs else T_full
+    if limit is not None and longest > limit:
+        if longest == T_full:
+            raise ValueError(
+                f"clean has {T_full} positions; the model's n_ctx (learned positions) is {limit}: give prompts of "
+                f"at most {limit} tokens"
+            )
         raise ValueError(
-            f"clean has {T_full} positions; the model's n_ctx (learned positions) is {limit}: give prompts of at "
-            f"most {limit} tokens"
+            f"clean's longest prompt has {longest} real tokens under attention_mask; the model's n_ctx (learned "
+            f"positions) is {limit}: give prompts of at most {limit} tokens"
         )
     pos = metric_positions(metric, B, T_full)
     check_positions_real(keep, pos)
