@@ -495,6 +495,28 @@ def check_positions_real(keep: torch.Tensor | None, pos) -> None:
     )
 
 
+def check_real_length(keep: torch.Tensor | None, limit: int | None, T: int) -> bool:
+    """Refuse prompts the model's ``limit`` learned positions (None: no limit) cannot read: under a mask ``keep``
+    with padding the runs read each row's real tokens at positions ``0 .. n-1``, so its longest row of real tokens
+    must fit (the padded width may exceed it); without padding every one of the ``T`` columns must. Returns whether
+    the columns exceed the limit (every forward must then take the mask and positions)."""
+    if limit is None or T <= limit:
+        return False
+    if keep is None or bool(keep.all()):
+        raise ValueError(
+            f"clean_tokens has {T} positions; the model has {limit} learned positions (n_ctx): give prompts of at "
+            f"most {limit} tokens"
+        )
+    longest = int(keep.sum(1).max())
+    if longest > limit:
+        row = int(keep.sum(1).argmax())
+        raise ValueError(
+            f"clean_tokens row {row} has {longest} real tokens under attention_mask; the model has {limit} learned "
+            f"positions (n_ctx): give prompts of at most {limit} tokens"
+        )
+    return True
+
+
 def masking_kwargs(model, keep: torch.Tensor | None, device) -> dict:
     """The keywords each forward of a patching computation takes for the mask ``keep`` (bool ``(batch, pos)``):
     ``attention_mask`` and ``position_ids = real_token_positions(keep)`` (each prompt computed as it would be
@@ -697,9 +719,15 @@ def prepare_runs(
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     corruption = resolve_corruption(corrupted_tokens, corruption)
     d_vocab = _vocab(model)
-    clean = check_tokens(clean_tokens, "clean_tokens", d_vocab, n_ctx=position_limit(model))
+    # under a mask the learned positions bound each row's real tokens, not the columns (check_real_length)
+    limit = position_limit(model)
+    clean = check_tokens(
+        clean_tokens, "clean_tokens", d_vocab, n_ctx=None if attention_mask is not None else limit
+    )
     B, T = clean.shape
     keep = patching_mask(attention_mask, (B, T))
+    if check_real_length(keep, limit, T):
+        mask_forwards = True  # padded past the learned positions: the forwards must read the real positions
     corruption = mean_with_mask(corruption, keep)
     check_corruption_tokens(corruption, d_vocab, (B, T))
     # prompts run where the model is (kept on the CPU with a model on a GPU)
@@ -1403,10 +1431,14 @@ def _activation_patching(
     n_heads = site_heads(model.cfg, site) if is_tf else 0
     if site in HEAD_SITES and not is_tf:
         raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
-    B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model), n_ctx=position_limit(model)).shape
+    limit = position_limit(model)
+    B, T = check_tokens(
+        clean_tokens, "clean_tokens", _vocab(model), n_ctx=None if attention_mask is not None else limit
+    ).shape
     keep = patching_mask(attention_mask, (B, T))
-    # padding before a real token (left padding, or gaps): the exact engine runs with the mask, on masked runs
-    left_padded = padding_before_real(keep) is not None
+    # padding before a real token (left padding, or gaps), or padded past the learned positions: the exact engine
+    # runs with the mask, on masked runs
+    left_padded = padding_before_real(keep) is not None or check_real_length(keep, limit, T)
     padded = keep is not None and not bool(keep.all())
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window

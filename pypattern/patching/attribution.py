@@ -38,6 +38,7 @@ from .api import (
     check_corruption_tokens,
     check_finite_examples,
     check_positions_real,
+    check_real_length,
     check_tokens,
     engine_batch,
     half_precision_warned,
@@ -780,7 +781,9 @@ def _atp(
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     corruption = resolve_corruption(corrupted_tokens, corruption)
-    check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab, n_ctx=cfg.max_positions)
+    # under a mask with padding the learned positions bound each row's real tokens, not the columns
+    check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab, n_ctx=cfg.max_positions if keep is None else None)
+    check_real_length(keep, cfg.max_positions, clean_tokens.shape[1])
     check_corruption_tokens(corruption, cfg.d_vocab, tuple(clean_tokens.shape))
     if corruption.is_ablation and direction != "noising":
         raise ValueError(
