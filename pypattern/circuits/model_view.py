@@ -820,10 +820,7 @@ class ModelView:
         """The pattern of ``scores`` (capped) under ``mask`` (True: may not attend); under a padding mask a dead
         query (``dead``: no key left) gets a pattern of zeros, as :meth:`Attention.forward
         <pypattern.models.transformer.Attention.forward>` gives it (no NaN, in the values or their gradient)."""
-        if dead is None:
-            return a.softmax(a.cap(scores).masked_fill(mask, float("-inf")))
-        masked = a.cap(scores).masked_fill(mask, float("-inf")).masked_fill(dead, 0.0)
-        return a.softmax(masked).masked_fill(dead, 0.0)
+        return a.dead_softmax(a.cap(scores).masked_fill(mask, float("-inf")), dead)
 
     def head_out(
         self, layer: int, z: torch.Tensor, heads: list[int] | None = None, out: torch.Tensor | None = None

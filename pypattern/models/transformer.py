@@ -1716,6 +1716,16 @@ class Attention(nn.Module):
         out = None if self.cfg.attn_scores_dtype is None else self.W_V.dtype
         return attn_softmax(scores, self.cfg.attn_softmax_dtype, out)
 
+    def dead_softmax(self, scores: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`softmax` of masked scores where ``dead`` (broadcast over the keys; None: no query) marks the
+        queries whose every key is masked (:meth:`dead_queries`): their pattern is 0, taken as a softmax over zeros
+        set to 0, so that no ``-inf`` row reaches the softmax and neither the pattern nor a gradient through it is
+        NaN. The one rule of the forward, the exact patching engine, attribution patching's QK fix and the
+        circuits' model view."""
+        if dead is None:
+            return self.softmax(scores)
+        return self.softmax(scores.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+
     def mix(self, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``z``: ``pattern (batch, n_heads, q_pos, k_pos)``, ``v (batch, k_pos, n_key_value_heads, d_head)`` ->
         ``(batch, q_pos, n_heads, d_head)``."""
@@ -1750,13 +1760,10 @@ class Attention(nn.Module):
             k = self.hook_rot_k(self.rotate(k, position_ids))
         scores = self.scores(q, k, key_mask=attention_mask, bias_positions=position_ids)
         scores = self.hook_attn_scores(scores)
-        if attention_mask is None:
-            pattern = self.softmax(scores)
-        else:
-            # a query whose every key is masked: softmax over zeros and the pattern set to 0 (no -inf row reaches
-            # the softmax, so neither the pattern nor any gradient through it is NaN)
-            dead = self.dead_queries(attention_mask)
-            pattern = self.softmax(scores.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+        # a query whose every key is masked: a pattern of zeros (dead_softmax)
+        pattern = self.dead_softmax(
+            scores, None if attention_mask is None else self.dead_queries(attention_mask)
+        )
         if self._scores_hooked():
             # a hook may have masked a query's every key (-inf: a NaN row) or made a score NaN: TransformerLens
             # reads nothing there (its NaN pattern entries are 0), and so does this model

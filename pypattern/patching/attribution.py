@@ -149,8 +149,7 @@ def _qk_fixed(
                 scores = attn.scores(
                     q, k, pos, pos, key_mask=keep, bias_positions=masking.get("position_ids")
                 )
-                dead = attn.dead_queries(keep)  # as the forward: no key, a pattern of zeros
-                new = attn.softmax(scores.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+                new = attn.dead_softmax(scores, attn.dead_queries(keep))  # as the forward: no key, zeros
             cache["moved"] = _wide(new) - _wide(pat_t)
         est = (cache["moved"] * g_pat).sum(-1)  # (B, H, Tq)
         if site == "k":  # one cell per key/value head: the sum over the query heads that read it

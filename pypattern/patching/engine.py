@@ -477,9 +477,9 @@ class ExactEngine:
         if self._keep is None:
             return attn.softmax(scores.masked_fill(mask, float("-inf")))
         full = mask[None] | ~self._keep[:, None, : mask.shape[1]]  # (B, Rq, Tk)
-        dead = lay(full.all(-1, keepdim=True))
-        pat = attn.softmax(scores.masked_fill(lay(full), float("-inf")).masked_fill(dead, 0.0))
-        return pat.masked_fill(dead, 0.0)
+        return attn.dead_softmax(
+            scores.masked_fill(lay(full), float("-inf")), lay(full.all(-1, keepdim=True))
+        )
 
     def _range(self, start: int, stop: int) -> torch.Tensor:
         """``arange(start, stop)`` (int64) on the engine's device: a slice of the positions made once."""
