@@ -151,10 +151,9 @@ def has_padding(mask: torch.Tensor | None) -> bool:
 
 def left_padded(mask: torch.Tensor | None) -> bool:
     """Whether ``mask`` has padding before a real token in some row (left padding, or a gap)."""
-    if mask is None:
-        return False
-    m = mask.bool()
-    return bool((m[:, 1:] & ~m[:, :-1]).any())
+    from ..patching.api import padding_before_real
+
+    return mask is not None and padding_before_real(mask.bool()) is not None
 
 
 def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
