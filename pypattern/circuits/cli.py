@@ -371,7 +371,7 @@ def metric_position(mask: torch.Tensor | None) -> int | torch.Tensor:
     per-prompt columns of the last real tokens, a LongTensor ``(batch,)`` (right padding)."""
     if mask is None:
         return -1
-    from ..experiments.user_model import last_real_positions
+    from ..patching.api import last_real_positions
 
     last = last_real_positions(mask)
     return -1 if bool((last == mask.shape[1] - 1).all()) else last
@@ -474,11 +474,10 @@ def user_prompts(model, tokens: str, corrupted: str | None = None, *, with_mask:
 
     position = metric_position(mask)
     dev = model_device(model, clean.device)
-    masking = {}
-    if mask is not None:  # each row's real tokens at positions 0 .. n-1, as the circuit functions run them
-        from ..models.transformer import real_token_positions
+    from ..patching.api import masking_kwargs
 
-        masking = {"attention_mask": mask.to(dev), "position_ids": real_token_positions(mask.bool()).to(dev)}
+    # each row's real tokens at positions 0 .. n-1, as the circuit functions run them
+    masking = masking_kwargs(model, None if mask is None else mask.bool(), dev)
     with torch.no_grad():  # run where the model is; the answers kept on the CPU, as a prompt file's are
         logits = model(clean.to(dev), **masking)
         rows = torch.arange(clean.shape[0], device=logits.device)

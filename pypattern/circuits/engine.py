@@ -42,10 +42,9 @@ from ..models.transformer import affine
 from ..ops.sums import signed_sums
 from ..patching.api import (
     _couples_examples,
-    _same_mask,
     check_positions_real,
     check_tokens,
-    padding_before_real,
+    mean_mask_under,
     patching_mask,
 )
 from ..patching.corruptions import (
@@ -1655,29 +1654,12 @@ def corruption_args(corrupted, ablation, mean_mask, mode: str, call: str):
 
 def _mean_with_mask(mean_mask, keep: torch.Tensor | None, mode: str, corrupted):
     """The ``mean_mask`` of ``ablation="mean"`` under the runs' attention mask ``keep (batch, pos)`` (bool, or
-    None), by :func:`~pypattern.patching.api.mean_with_mask`'s rules: without padding, as given; with padding
-    before a real token refused (the columns of left-padded prompts hold tokens at other positions, whose mean
-    means nothing); a mean over reference prompts of their own (noising with ``corrupted``) takes their own
-    ``mean_mask``; a mean over the clean prompts takes ``keep`` (a ``mean_mask`` given must equal it)."""
-    if keep is None or bool(keep.all()):
-        return mean_mask
-    row = padding_before_real(keep)
-    if row is not None:
-        raise ValueError(
-            f"ablation='mean' with a left-padded attention_mask (row {row} has padding before a real token): the "
-            "mean per position would mix the prompts' tokens at other positions; pad the prompts on the right "
-            "(the mean then takes the prompts real at each position), or use ablation='resample' or 'zero'"
-        )
-    if mode == "noise" and corrupted is not None:
-        return mean_mask  # reference prompts: their own mask (mean_mask) is the mean's
-    if mean_mask is None:
-        return keep
-    if not _same_mask(mean_mask, keep):
-        raise ValueError(
-            "mean_mask differs from attention_mask: both mask the clean prompts the mean is over; give the same "
-            "mask (or leave mean_mask out: the mean then takes the prompts real at each position)"
-        )
-    return mean_mask
+    None), by :func:`~pypattern.patching.api.mean_mask_under`'s rules (a mean over reference prompts of their own,
+    noising with ``corrupted``, takes their own ``mean_mask``)."""
+    refs = mode == "noise" and corrupted is not None
+    return mean_mask_under(
+        keep, mean_mask, refs, "ablation='mean'", "mean_mask", ", or use ablation='resample' or 'zero'"
+    )
 
 
 def prepare_runs(

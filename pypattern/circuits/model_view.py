@@ -132,14 +132,14 @@ class ModelView:
         pattern of zeros, and learned positions, rotary angles and ALiBi biases are read at each row's positions,
         so each row's real tokens are computed as its prompt alone. The runs' tensors hold the batch ``B`` right
         before the position axis. None, or a mask without padding: the unmasked runs."""
-        from ..models.transformer import real_token_positions
+        from ..patching.api import masked_position_ids
 
         if keep is None or bool(keep.all()):
             self.keep = self.pos_ids = None
             return
         keep = keep.to(self.device, torch.bool)
         self.keep = keep
-        self.pos_ids = real_token_positions(keep).masked_fill(~keep, 0)
+        self.pos_ids = masked_position_ids(keep)
 
     @contextlib.contextmanager
     def unmasked(self) -> Iterator[None]:

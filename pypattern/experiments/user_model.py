@@ -156,12 +156,6 @@ def left_padded(mask: torch.Tensor | None) -> bool:
     return mask is not None and padding_before_real(mask.bool()) is not None
 
 
-def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
-    """The column of each row's last real token (``attention_mask`` 1), a LongTensor ``(num_sequences,)``."""
-    m = mask.bool()
-    return (m.shape[1] - 1 - m.flip(-1).long().argmax(-1)).long()
-
-
 _DECIMAL = re.compile(r"-?[0-9]+")
 
 
@@ -714,6 +708,7 @@ def run_user_patch(
     Gaussian noise is added to every token embedding, padding included (padding is read by no real token).
     """
     from ..patching import KL, GaussianNoise, activation_patching
+    from ..patching.api import last_real_positions
 
     _count("max_prompts", max_prompts)
     if sites is not None and not sites:

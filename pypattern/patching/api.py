@@ -476,6 +476,13 @@ def padding_before_real(keep: torch.Tensor | None) -> int | None:
     return int(gap.any(-1).nonzero()[0, 0])
 
 
+def last_real_positions(keep: torch.Tensor) -> torch.Tensor:
+    """The column of each row's last real token of the mask ``keep (batch, pos)`` (nonzero: real), a LongTensor
+    ``(batch,)``."""
+    m = keep.bool()
+    return (m.shape[1] - 1 - m.flip(-1).long().argmax(-1)).long()
+
+
 def check_positions_real(keep: torch.Tensor | None, pos) -> None:
     """Refuse a metric position (``pos``: an int or ``(batch,)``, non-negative) that falls on padding of ``keep``,
     naming the row and its last real token."""
@@ -487,7 +494,7 @@ def check_positions_real(keep: torch.Tensor | None, pos) -> None:
     if bool(real.all()):
         return
     row = int((~real).nonzero()[0, 0])
-    last = (T - 1 - keep.flip(-1).long().argmax(-1)).tolist()
+    last = last_real_positions(keep).tolist()
     raise ValueError(
         f"metric.position reads position {int(p[row])} of row {row}, which attention_mask marks as padding: the "
         f"metric must read real tokens; each row's last real token is at {last} (give the metric "
@@ -517,36 +524,39 @@ def check_real_length(keep: torch.Tensor | None, limit: int | None, T: int) -> b
     return True
 
 
+def masked_position_ids(keep: torch.Tensor) -> torch.Tensor:
+    """The positions every forward of a masked run reads, ``(batch, pos)`` for the mask ``keep`` (bool): each row's
+    real tokens counted from 0 (:func:`~pypattern.models.transformer.real_token_positions`, each prompt as it would
+    be alone), 0 at padding, whose ids no forward reads."""
+    from ..models.transformer import real_token_positions
+
+    return real_token_positions(keep).masked_fill(~keep, 0)
+
+
 def masking_kwargs(model, keep: torch.Tensor | None, device) -> dict:
     """The keywords each forward of a patching computation takes for the mask ``keep`` (bool ``(batch, pos)``):
-    ``attention_mask`` and ``position_ids = real_token_positions(keep)`` (each prompt computed as it would be
-    alone, at positions 0 .. n-1), or nothing for no mask or a mask without padding. A model whose forward takes
-    neither (a wrapped module of another kind) is refused when the mask holds padding."""
+    ``attention_mask`` and ``position_ids`` (:func:`masked_position_ids`), or nothing for no mask or a mask
+    without padding. A model whose forward takes neither (a wrapped module of another kind) is refused when the
+    mask holds padding."""
+    from ..losses import _forward_params
     from ..models.hf import HookedHF
     from ..models.hooks import HookedModule
-    from ..models.transformer import Transformer, real_token_positions
+    from ..models.transformer import Transformer
 
     if keep is None or bool(keep.all()):
         return {}
     keep = keep.to(device)
-    pos = real_token_positions(keep).masked_fill(
-        ~keep, 0
-    )  # ids at padding are not read: 0, as the forward has them
+    pos = masked_position_ids(keep)
     if isinstance(model, Transformer):
         return {"attention_mask": keep, "position_ids": pos}
     if isinstance(model, HookedHF):
-        fwd = model.hf_model.forward
+        inner = model.hf_model
     elif isinstance(model, HookedModule):
-        fwd = model.module.forward
+        inner = model.module
     else:
-        fwd = model.forward
-    import inspect
-
-    try:
-        params = inspect.signature(fwd).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "attention_mask" not in params or "position_ids" not in params:
+        inner = model
+    names = _forward_params(inner)
+    if "attention_mask" not in names or "position_ids" not in names:
         raise ValueError(
             f"attention_mask holds padding, but the model's forward ({type(model).__name__}) takes no "
             "attention_mask and position_ids: give unpadded prompts or right-padded ones without a mask (the "
@@ -555,30 +565,45 @@ def masking_kwargs(model, keep: torch.Tensor | None, device) -> dict:
     return {"attention_mask": keep.long(), "position_ids": pos}
 
 
-def mean_with_mask(corruption, keep: torch.Tensor | None):
-    """A :class:`MeanAblation` over the clean prompts under the patching mask ``keep``: its mean over the prompts
-    real at each position (the patching mask, when it gives none of its own). Refused with padding before a real
-    token (the columns of left-padded prompts hold tokens at other positions, whose mean means nothing) and with a
-    mean mask over the clean prompts other than ``keep``; any other corruption as it is."""
-    if keep is None or bool(keep.all()) or not isinstance(corruption, MeanAblation):
-        return corruption
+def mean_mask_under(keep: torch.Tensor | None, own, refs: bool, what: str, own_name: str, remedy: str = ""):
+    """The mask a per-position mean ablation takes under the runs' attention mask ``keep (batch, pos)`` (bool, or
+    None): ``own`` (its own mask, or None) without padding in ``keep``; with padding before a real token refused
+    (the columns of left-padded prompts hold tokens at other positions, whose mean means nothing); ``own`` for a
+    mean over reference prompts of their own (``refs``, which run unmasked); else ``keep``, a given ``own`` having
+    to equal it. The messages name the ablation as ``what`` and its own mask as ``own_name``; ``remedy`` ends the
+    refusal of left padding. The one rule of :func:`mean_with_mask` and the circuits' mean ablation."""
+    if keep is None or bool(keep.all()):
+        return own
     row = padding_before_real(keep)
     if row is not None:
         raise ValueError(
-            f"MeanAblation with a left-padded attention_mask (row {row} has padding before a real token): the "
-            "mean per position would mix the prompts' tokens at other positions; pad the prompts on the right "
-            "(the mean then takes the prompts real at each position)"
+            f"{what} with a left-padded attention_mask (row {row} has padding before a real token): the mean per "
+            "position would mix the prompts' tokens at other positions; pad the prompts on the right (the mean "
+            f"then takes the prompts real at each position){remedy}"
         )
-    if corruption.reference_tokens is not None:
-        return corruption  # other prompts: their own mask (MeanAblation.attention_mask) is the mean's
-    if corruption.attention_mask is None:
-        return dataclasses.replace(corruption, attention_mask=keep)
-    if not _same_mask(corruption.attention_mask, keep):
+    if refs:
+        return own  # other prompts: their own mask is the mean's
+    if own is None:
+        return keep
+    if not _same_mask(own, keep):
         raise ValueError(
-            "MeanAblation.attention_mask differs from attention_mask: both mask the clean prompts; give the same "
-            "mask (or leave MeanAblation's out: the mean then takes the prompts real at each position)"
+            f"{own_name} differs from attention_mask: both mask the clean prompts the mean is over; give the same "
+            f"mask (or leave {own_name} out: the mean then takes the prompts real at each position)"
         )
-    return corruption
+    return own
+
+
+def mean_with_mask(corruption, keep: torch.Tensor | None):
+    """A :class:`MeanAblation` over the clean prompts under the patching mask ``keep``: its mean over the prompts
+    real at each position (the patching mask, when it gives none of its own), by :func:`mean_mask_under`'s rules;
+    any other corruption as it is."""
+    if not isinstance(corruption, MeanAblation):
+        return corruption
+    own = corruption.attention_mask
+    mask = mean_mask_under(
+        keep, own, corruption.reference_tokens is not None, "MeanAblation", "MeanAblation.attention_mask"
+    )
+    return corruption if mask is own else dataclasses.replace(corruption, attention_mask=mask)
 
 
 def check_token_tensor(tokens, argument: str, shape: str, any_int: bool = False) -> None:
@@ -705,15 +730,15 @@ def prepare_runs(
     direction: str,
     full_cache: bool,
     attention_mask: torch.Tensor | None = None,
-    mask_forwards: bool = True,
 ) -> PatchingRuns:
     """Run clean and corrupted prompts, bind the metric, and collect target/source activations.
 
     ``attention_mask (batch, pos)`` (of the clean prompts, shared by the corrupted ones; checked by
-    :func:`patching_mask`): the metric must read real tokens, and with ``mask_forwards`` every forward runs with
-    the mask and each row's real tokens at positions ``0 .. n-1`` (:func:`masking_kwargs`; the exact engine then
-    runs with the same mask and positions, :func:`engine_on_runs`); without it (the exact engine over right-padded
-    prompts, which computes the real tokens as the masked forward does) the forwards take no mask."""
+    :func:`patching_mask`): the metric must read real tokens, and every forward runs with the mask and each row's
+    real tokens at positions ``0 .. n-1`` (:func:`masking_kwargs`; the exact engine then runs with the same mask
+    and positions, :func:`engine_on_runs`), except the exact engine's runs (``full_cache``) over right-padded
+    prompts that fit the model's learned positions: the real tokens never read the later padding, so the unmasked
+    runs and engine compute them as the masked forward does."""
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
@@ -726,8 +751,10 @@ def prepare_runs(
     )
     B, T = clean.shape
     keep = patching_mask(attention_mask, (B, T))
-    if check_real_length(keep, limit, T):
-        mask_forwards = True  # padded past the learned positions: the forwards must read the real positions
+    # the naive loop's forwards always take the mask; the exact engine's where it must: padding before a real
+    # token (left padding, or gaps), or columns past the learned positions (each row read at its real positions)
+    beyond = check_real_length(keep, limit, T)
+    mask_forwards = not full_cache or beyond or padding_before_real(keep) is not None
     corruption = mean_with_mask(corruption, keep)
     check_corruption_tokens(corruption, d_vocab, (B, T))
     # prompts run where the model is (kept on the CPU with a model on a GPU)
@@ -1436,9 +1463,6 @@ def _activation_patching(
         clean_tokens, "clean_tokens", _vocab(model), n_ctx=None if attention_mask is not None else limit
     ).shape
     keep = patching_mask(attention_mask, (B, T))
-    # padding before a real token (left padding, or gaps), or padded past the learned positions: the exact engine
-    # runs with the mask, on masked runs
-    left_padded = padding_before_real(keep) is not None or check_real_length(keep, limit, T)
     padded = keep is not None and not bool(keep.all())
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
@@ -1486,13 +1510,10 @@ def _activation_patching(
         packs = pack_budget(model, max_memory)
         # one block for the recorded runs and the engine: the attention layouts and packs are made once
         with model.fixed_weights(max_pack_bytes=packs):
-            # padding before a real token: the runs are masked and the engine takes their mask and positions;
-            # right padding only: the real tokens never read the later padding, so the unmasked runs and engine
-            # compute them as the masked forward does
+            # masked runs where the engine must read the mask (prepare_runs), which it then takes from them
             runs = prepare_runs(
-                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True, keep,
-                mask_forwards=left_padded,
-            )  # fmt: skip
+                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True, keep
+            )
             T_eff = runs.metric_rows
             budget = max_memory if not packs else max_memory - packs
             batch = engine_batch(model.cfg, B, T_eff, max_batch, budget)

@@ -1080,15 +1080,7 @@ def shortlist_and_confirm(
         metric scale: ``m_patched - m_target``; ``pos`` only per position; ties in grid order).
     """
     from ..models.convert import converted_if_convertible
-    from .api import (
-        _exact_or_naive,
-        _inert,
-        _naive,
-        engine_on_runs,
-        padding_before_real,
-        prepare_runs,
-        warn_if_over_budget,
-    )
+    from .api import _exact_or_naive, _inert, _naive, engine_on_runs, prepare_runs, warn_if_over_budget
 
     if not is_count(k) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
@@ -1110,10 +1102,9 @@ def shortlist_and_confirm(
             direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop,
             max_batch=max_batch, max_memory=atp_memory, attention_mask=attention_mask,
         )[site]  # fmt: skip
-    # the mask as attribution_patching checked it (None for none); the exact stage's runs are masked where the
-    # prompts hold padding before a real token (right padding: the real tokens never read the later padding)
+    # the mask as attribution_patching checked it (None for none); prepare_runs masks the exact stage's runs
+    # where the engine must read it
     mask = None if attention_mask is None else patching_mask(attention_mask, tuple(clean_tokens.shape))
-    left_padded = padding_before_real(mask) is not None
     keep = atp.finite_examples  # the examples finite on the clean and the corrupted run: those averaged
     m = atp._kept(atp.effect).mean(0)
     # the ranking score: |mean AtP| or, with GradDrop, AtP*'s mean GradDrop score (stable: ties in grid order)
@@ -1144,9 +1135,8 @@ def shortlist_and_confirm(
         # one block for the recorded runs and the engine: the layouts (and packs) made once
         with model.fixed_weights(max_pack_bytes=packs):
             runs = prepare_runs(
-                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True, mask,
-                mask_forwards=left_padded,
-            )  # fmt: skip
+                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True, mask
+            )
             T_eff = runs.metric_rows
             # where a cell's patch cannot change the metric (the target's own activation, out of its reach), its
             # value is the target's, exactly (computed, it is rounding noise)
