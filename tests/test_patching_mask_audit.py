@@ -335,7 +335,8 @@ def test_left_padded_grid_options_equal_each_prompt_alone():
             )  # fmt: skip
             cols = (...,) if kw.get("per_position") is False else (..., slice(Tn - n, None))
             close(got.values[b][cols], ref.values[0])
-    # Gaussian noise: the noise of a padded batch is drawn per column, so the reference is the masked naive loop
+    # Gaussian noise: each row's draw is keyed by its own row index (a row alone would draw row 0's), so the
+    # reference is the masked naive loop
     noise = GaussianNoise(std=0.5, seed=2)
     for site, direction in (("resid_pre", "denoising"), ("k", "noising")):
         kw = dict(corruption=noise, metric=metric(), attention_mask=mask, direction=direction, quiet=True)

@@ -246,7 +246,9 @@ def load_tokens(
         empty cell between commas, when it cannot be read as such an array, when it is
         not 2-D ``(num_sequences, seq_len)`` (a flat 1-D stream of ids is refused: split it into sequences), when
         ids are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``
-        (learned positions) or ``rotary_limit`` (the positions a LongRoPE or dynamic NTK scaling holds for:
+        (learned positions; under an ``attention_mask`` with padding, each row's real tokens, naming the first row
+        of more: the runs read them at positions ``0 .. n-1``, whatever the padded width) or ``rotary_limit`` (the
+        positions a LongRoPE or dynamic NTK scaling holds for:
         :attr:`~pypattern.models.TransformerConfig.rotary_position_limit`), or when an ``attention_mask`` is not of
         the tokens' shape, holds values other than 0 and 1 or has a row of padding only; the message names the
         file as ``argument`` (the command-line option it came from).
@@ -296,10 +298,12 @@ def load_tokens(
         )
     _check_range(int(arr.min()), int(arr.max()), p, argument, vocab_size)
     tokens = torch.from_numpy(arr.astype(np.int64))
-    check_token_limits(tokens, p, n_ctx=n_ctx, rotary_limit=rotary_limit, argument=argument)
-    if not with_mask:
-        return tokens
-    return tokens, (None if mask is None else _checked_mask(mask, arr.shape, p, argument, key))
+    # the mask first: under it the learned positions bound each row's real tokens, not the columns
+    mask = None if mask is None else _checked_mask(mask, arr.shape, p, argument, key)
+    check_token_limits(
+        tokens, p, n_ctx=n_ctx, rotary_limit=rotary_limit, argument=argument, attention_mask=mask
+    )
+    return (tokens, mask) if with_mask else tokens
 
 
 def _check_range(lo: int, hi: int, path, argument: str, vocab_size: int | None) -> None:
@@ -324,12 +328,26 @@ def check_token_limits(
     n_ctx: int | None = None,
     rotary_limit: int | None = None,
     argument: str = "data",
+    attention_mask: torch.Tensor | None = None,
 ) -> None:
     """Refuse the ids ``tokens`` read by :func:`load_tokens` from ``path`` (named as ``argument``) where the model
     cannot read them: ids not below ``vocab_size``, sequences longer than ``n_ctx`` or ``rotary_limit`` (the
-    messages of :func:`load_tokens`)."""
+    messages of :func:`load_tokens`). Under an ``attention_mask`` (of the tokens' shape) with padding, ``n_ctx``
+    bounds each row's real tokens (the library's rule: every forward reads them at positions ``0 .. n-1``), so a
+    file padded past the learned positions is read when its rows fit."""
     _check_range(int(tokens.min()), int(tokens.max()), path, argument, vocab_size)
-    err = length_check_error(path, argument, tokens.shape[1], n_ctx, rotary_limit)
+    T = tokens.shape[1]
+    if n_ctx is not None and T > n_ctx and has_padding(attention_mask):
+        real = attention_mask.bool().sum(1)
+        over = (real > n_ctx).nonzero()
+        if over.numel():
+            row = int(over[0, 0])
+            raise ValueError(
+                f"{argument}={str(path)!r}: row {row} has {int(real[row])} real tokens under its 'attention_mask'; "
+                f"the model's n_ctx is {n_ctx}"
+            )
+        n_ctx = None  # every row's real tokens fit: the padded width is not read as positions
+    err = length_check_error(path, argument, T, n_ctx, rotary_limit)
     if err is not None:
         raise err
 
@@ -398,13 +416,12 @@ def _model_and_tokens(
     model.eval()
     if tokens is None:
         tokens, attention_mask = load_tokens(data, **token_limits(model), with_mask=True)
-    else:
-        check_token_limits(tokens, data, **token_limits(model))
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(tokens.shape):
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}; it must equal the shape of the tokens of "
             f"data={str(data)!r}, {tuple(tokens.shape)}"
         )
+    check_token_limits(tokens, data, **token_limits(model), attention_mask=attention_mask)
     if upcast == "sampling" and tokens.shape[1] < 2:
         raise ValueError(
             f"data={str(data)!r}: its sequences have {tokens.shape[1]} token; the next-token loss that llc and chi "
@@ -441,12 +458,15 @@ class MaskedTokens(torch.utils.data.Dataset):
     ``DataLoader``'s default collate stacks into batches of both, each row's ids and mask together. With padding
     before a real token (left padding) each sample also holds ``position_ids``, its real tokens counted from 0
     (:func:`pypattern.models.transformer.real_token_positions`), so each sequence is computed as it would be alone
-    (a model reading learned absolute positions would otherwise read its real tokens at shifted positions)."""
+    (a model reading learned absolute positions would otherwise read its real tokens at shifted positions); so do
+    the samples of sequences padded past ``n_ctx`` columns (the model's learned positions), whose padding columns
+    the model could not read as positions."""
 
-    def __init__(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def __init__(self, tokens: torch.Tensor, attention_mask: torch.Tensor, n_ctx: int | None = None) -> None:
         self.tokens, self.attention_mask = tokens, attention_mask
         self.position_ids = None
-        if left_padded(attention_mask):
+        past = n_ctx is not None and tokens.shape[1] > n_ctx and has_padding(attention_mask)
+        if left_padded(attention_mask) or past:
             from ..models.transformer import real_token_positions
 
             self.position_ids = real_token_positions(attention_mask.bool())
@@ -466,7 +486,10 @@ class MaskedTokens(torch.utils.data.Dataset):
 
 
 def _batches(
-    tokens: torch.Tensor, batch_size: int, attention_mask: torch.Tensor | None = None
+    tokens: torch.Tensor,
+    batch_size: int,
+    attention_mask: torch.Tensor | None = None,
+    n_ctx: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """The sequences in shuffled batches of ``batch_size``: each chain reads them in an order keyed by the seed
     and its index, a short last batch is not read by the chains and L_n(w*) weights every sequence equally (the
@@ -474,11 +497,11 @@ def _batches(
     ``attention_mask`` the batches are ``{"input_ids", "attention_mask"}`` dicts (:class:`MaskedTokens`): the
     default losses leave padding out (a batch's loss is the mean over its counted next-token terms), the shuffle
     keeps each row's ids and mask together, and a checkpoint's fingerprint (every batch of the first epoch) holds
-    the mask too."""
+    the mask too. ``n_ctx``: the model's learned positions (:class:`MaskedTokens`)."""
     _count("batch_size", batch_size)
     if attention_mask is not None:
         return torch.utils.data.DataLoader(
-            MaskedTokens(tokens, attention_mask), batch_size=batch_size, shuffle=True
+            MaskedTokens(tokens, attention_mask, n_ctx), batch_size=batch_size, shuffle=True
         )
     return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(tokens), batch_size=batch_size, shuffle=True
@@ -610,7 +633,7 @@ def run_user_llc(
             f"checkpoint={str(checkpoint)!r} holds a folder {ck!r} where the checkpoint file goes; give another "
             "checkpoint folder (on the command line: --checkpoint DIR), or move that folder away"
         )
-    loader = _batches(tokens, batch_size, mask)
+    loader = _batches(tokens, batch_size, mask, model.cfg.max_positions)
     res = _sampled(
         lambda batched: estimate_llc(
             model,
@@ -705,7 +728,8 @@ def run_user_patch(
     each prompt as it would be alone, and the metric reads each prompt's last real token (the last column of
     left-padded prompts; per prompt, ``position=``, for right-padded ones). A ``corrupted`` file's own
     ``attention_mask``, if it has one, must equal the data's (the corrupted prompts share the clean ones' mask);
-    Gaussian noise is added to every token embedding, padding included (padding is read by no real token).
+    Gaussian noise is added to every real token's embedding (:class:`~pypattern.patching.GaussianNoise` under a
+    mask). A file padded past the model's learned positions is read when each row's real tokens fit them.
     """
     from ..patching import KL, GaussianNoise, activation_patching
     from ..patching.api import last_real_positions
@@ -721,12 +745,17 @@ def run_user_patch(
         sites = tuple(s for s in DEFAULT_SITES if not (model.cfg.attn_only and s == "mlp_out"))
     corr = None
     if corrupted is not None:
-        corr, corr_mask = load_tokens(corrupted, **token_limits(model), argument="corrupted", with_mask=True)
+        # its lengths checked under the data's mask, which it shares (a file without a mask takes the data's)
+        limits = token_limits(model)
+        corr, corr_mask = load_tokens(
+            corrupted, **{**limits, "n_ctx": None}, argument="corrupted", with_mask=True
+        )
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match data's {tuple(clean.shape)}"
             )
         check_same_mask(corrupted, corr_mask, data, mask)
+        check_token_limits(corr, corrupted, **limits, argument="corrupted", attention_mask=mask)
         corr = corr[:max_prompts]
     clean = clean[:max_prompts]
     if mask is not None:
@@ -843,7 +872,7 @@ def run_user_chi(
     )
     _check_default_nbeta(data, tokens, batch_size, nbeta)
     components = [c for c in model.components() if c != "unembed"]
-    loader = _batches(tokens, batch_size, mask)
+    loader = _batches(tokens, batch_size, mask, model.cfg.max_positions)
     probe = tokens[:num_probe] if mask is None else loader.dataset.batch(slice(0, num_probe))
     # every component's chains sample together (one group): stacked, they are chains x components copies
     res = _sampled(

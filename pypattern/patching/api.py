@@ -26,6 +26,7 @@ from .corruptions import (
     embedding_noise_hook,
     masked_mean,
     mean_mask,
+    noise_under_mask,
     position_axis,
 )
 from .engine import ExactEngine, cells_that_fit, metric_of_rows, truncate_cache, unembed_rows
@@ -502,23 +503,30 @@ def check_positions_real(keep: torch.Tensor | None, pos) -> None:
     )
 
 
-def check_real_length(keep: torch.Tensor | None, limit: int | None, T: int) -> bool:
+def check_real_length(
+    keep: torch.Tensor | None,
+    limit: int | None,
+    T: int,
+    argument: str = "clean_tokens",
+    mask_name: str = "attention_mask",
+) -> bool:
     """Refuse prompts the model's ``limit`` learned positions (None: no limit) cannot read: under a mask ``keep``
     with padding the runs read each row's real tokens at positions ``0 .. n-1``, so its longest row of real tokens
     must fit (the padded width may exceed it); without padding every one of the ``T`` columns must. Returns whether
-    the columns exceed the limit (every forward must then take the mask and positions)."""
+    the columns exceed the limit (every forward must then take the mask and positions). The messages name the
+    prompts as ``argument`` and their mask as ``mask_name``."""
     if limit is None or T <= limit:
         return False
     if keep is None or bool(keep.all()):
         raise ValueError(
-            f"clean_tokens has {T} positions; the model has {limit} learned positions (n_ctx): give prompts of at "
+            f"{argument} has {T} positions; the model has {limit} learned positions (n_ctx): give prompts of at "
             f"most {limit} tokens"
         )
     longest = int(keep.sum(1).max())
     if longest > limit:
         row = int(keep.sum(1).argmax())
         raise ValueError(
-            f"clean_tokens row {row} has {longest} real tokens under attention_mask; the model has {limit} learned "
+            f"{argument} row {row} has {longest} real tokens under {mask_name}; the model has {limit} learned "
             f"positions (n_ctx): give prompts of at most {limit} tokens"
         )
     return True
@@ -536,9 +544,9 @@ def masked_position_ids(keep: torch.Tensor) -> torch.Tensor:
 def masking_kwargs(model, keep: torch.Tensor | None, device) -> dict:
     """The keywords each forward of a patching computation takes for the mask ``keep`` (bool ``(batch, pos)``):
     ``attention_mask`` and ``position_ids`` (:func:`masked_position_ids`), or nothing for no mask or a mask
-    without padding. A model whose forward takes neither (a wrapped module of another kind) is refused when the
-    mask holds padding."""
-    from ..losses import _forward_params
+    without padding. A model whose forward does not take both (by name, or as ``input_ids`` with ``**kwargs``:
+    the rule of :func:`pypattern.losses._takes`) is refused when the mask holds padding."""
+    from ..losses import _takes
     from ..models.hf import HookedHF
     from ..models.hooks import HookedModule
     from ..models.transformer import Transformer
@@ -555,12 +563,13 @@ def masking_kwargs(model, keep: torch.Tensor | None, device) -> dict:
         inner = model.module
     else:
         inner = model
-    names = _forward_params(inner)
-    if "attention_mask" not in names or "position_ids" not in names:
+    # the losses' rule: a parameter of that name, or input_ids with **kwargs (a wrapper handing them on)
+    if not (_takes(inner, "attention_mask") and _takes(inner, "position_ids")):
         raise ValueError(
             f"attention_mask holds padding, but the model's forward ({type(model).__name__}) takes no "
-            "attention_mask and position_ids: give unpadded prompts or right-padded ones without a mask (the "
-            "metric reading each prompt's last real token), or convert the model with pypattern.from_hf"
+            "attention_mask and position_ids (parameters of those names, or input_ids with **kwargs): give "
+            "unpadded prompts or right-padded ones without a mask (the metric reading each prompt's last real "
+            "token), or convert the model with pypattern.from_hf"
         )
     return {"attention_mask": keep.long(), "position_ids": pos}
 
@@ -594,9 +603,13 @@ def mean_mask_under(keep: torch.Tensor | None, own, refs: bool, what: str, own_n
 
 
 def mean_with_mask(corruption, keep: torch.Tensor | None):
-    """A :class:`MeanAblation` over the clean prompts under the patching mask ``keep``: its mean over the prompts
-    real at each position (the patching mask, when it gives none of its own), by :func:`mean_mask_under`'s rules;
-    any other corruption as it is."""
+    """A corruption under the patching mask ``keep``: a :class:`MeanAblation` over the clean prompts takes its mean
+    over the prompts real at each position (the patching mask, when it gives none of its own), by
+    :func:`mean_mask_under`'s rules; a :class:`GaussianNoise` counts its positions over each row's real tokens and
+    lands on them only (:func:`~pypattern.patching.corruptions.noise_under_mask`); any other corruption as it
+    is."""
+    if isinstance(corruption, GaussianNoise):
+        return noise_under_mask(corruption, keep)
     if not isinstance(corruption, MeanAblation):
         return corruption
     own = corruption.attention_mask
@@ -763,6 +776,7 @@ def prepare_runs(
     pos = metric_positions(metric, B, T)
     check_positions_real(keep, pos)
     masking = masking_kwargs(model, keep, dev) if mask_forwards else {}
+    ref_masking = _reference_masking(model, corruption, limit, dev)
     corr_tokens, corr_noise = None, None
     if isinstance(corruption, TokenReplacement):
         corr_tokens = corruption.corrupted_tokens.to(dev)
@@ -781,10 +795,12 @@ def prepare_runs(
             f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
         )
 
-    def run(tokens, noise, names, masked=True):
+    def run(tokens, noise, names, forward_kw=None):
+        """``forward_kw``: the mask keywords of the forward (default: the runs' ``masking``)."""
         hooks = [("hook_embed", embedding_noise_hook(noise))] if noise is not None else []
         with torch.no_grad(), model.hooks(hooks):  # patching takes no gradient
-            return model.run_with_cache(tokens, names_filter=names, **(masking if masked else {}))
+            kw = masking if forward_kw is None else forward_kw
+            return model.run_with_cache(tokens, names_filter=names, **kw)
 
     from ..models.transformer import Transformer
 
@@ -841,7 +857,7 @@ def prepare_runs(
                     raise ValueError("MeanAblation.reference_tokens must have the prompts' length")
                 # reference prompts run where the clean ones do (a GPU model's prompts are on its device)
                 _, ref = run(
-                    corruption.reference_tokens.to(clean.device), None, sorted(set(site_hooks)), masked=False
+                    corruption.reference_tokens.to(clean.device), None, sorted(set(site_hooks)), ref_masking
                 )
             # per position (a pattern's: the query position), over the prompts real there given a mask
             mask = corruption.attention_mask
@@ -865,6 +881,22 @@ def prepare_runs(
         keep=keep,
         masking=masking,
     )
+
+
+def _reference_masking(model, corruption, limit: int | None, device) -> dict:
+    """The keywords the forward of a :class:`MeanAblation`'s own reference prompts takes: none (they run as they
+    are: right-padded, their real tokens never read the later padding), but for prompts wider than the model's
+    ``limit`` learned positions, which run under their own mask (each row's real tokens at ``0 .. n-1``, the
+    positions they hold unpadded); a row of more real tokens than ``limit``, or such prompts without a mask, are
+    refused naming ``MeanAblation.reference_tokens``."""
+    if not isinstance(corruption, MeanAblation) or corruption.reference_tokens is None:
+        return {}
+    own = corruption.attention_mask
+    own = None if own is None else own.detach().to("cpu", torch.bool)
+    T = corruption.reference_tokens.shape[1]
+    if not check_real_length(own, limit, T, "MeanAblation.reference_tokens", "its attention_mask"):
+        return {}
+    return masking_kwargs(model, own, device)
 
 
 def _couples_examples(metric, logits: torch.Tensor, values: torch.Tensor) -> bool:
@@ -1065,7 +1097,11 @@ def activation_patching(
         real there only (without it the padding's activations enter the mean, which then depends on the pad id);
         under ``attention_mask=`` with right padding the mean over the clean prompts takes that mask. A
         ``MeanAblation`` with a left-padded ``attention_mask`` is refused (a column of left-padded prompts holds
-        tokens at other positions).
+        tokens at other positions). Reference prompts of their own, given with their mask (right-padded), may be
+        padded past the model's learned positions when each row's real tokens fit them: they then run under that
+        mask. Under ``attention_mask=`` with padding, ``GaussianNoise`` positions count each row's real tokens and
+        the noise lands on real tokens only (each row's values are its prompt's alone given its row of the draw;
+        see :class:`~pypattern.patching.GaussianNoise`).
     direction : {"denoising", "noising"}
         Denoising patches clean activations into the corrupted run (sufficiency); noising patches corrupted
         (or ablated) activations into the clean run (necessity).

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "MeanAblation",
     "Corruption",
     "embedding_noise_hook",
+    "noise_under_mask",
 ]
 
 
@@ -60,6 +62,16 @@ class GaussianNoise(Corruption):
     2022), which takes 3 x the standard deviation of the embeddings of the data's subject tokens: the default here
     does not depend on the prompts; give ``std=`` for ROME's value. The noise is drawn once from ``seed`` with
     shape ``(batch, pos, d_model)`` (zero outside ``positions``) and reused for every cell.
+
+    Under a patching call's ``attention_mask`` with padding, positions count each row's real tokens: ``p`` is the
+    row's ``p``-th real token (``-1`` its last), whichever side it is padded on, and a position past a row's real
+    tokens is refused naming the row; None noises every real token and never the padding. The draw is keyed by
+    the row and the real token's position: row ``b``'s ``p``-th real token takes the draw at ``[b, p]`` of the
+    ``(batch, pos, d_model)`` draw, as the ``p``-th column of an unpadded batch does. So left- and right-padded
+    copies of a batch get the same noise at every real token, a right-padded batch the same as without its mask,
+    and each row of a padded batch computes what its prompt alone computes given that row's noise (the first row:
+    the same ``seed`` alone; another row ``b`` alone draws row 0's noise, so give it ``[b, :n]`` of the batch's
+    draw to compare).
     """
 
     positions: list | int | torch.Tensor | None = None
@@ -88,8 +100,26 @@ class GaussianNoise(Corruption):
             )
         self.seed = int(self.seed)
 
+    #: the prompts' attention mask (bool ``(batch, pos)``, with padding) the noise is placed under: set on a copy
+    #: by :func:`noise_under_mask`; None places it by columns. A plain attribute, not a field: no argument of the
+    #: constructor, and not part of a checkpoint's fingerprint (which holds the mask itself)
+    _attention_mask = None
+
     def noise(self, model, batch: int, seq_len: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
-        keep = None if self.positions is None else _noise_mask(self.positions, batch, seq_len)
+        """The noise ``(batch, seq_len, d_model)`` in ``dtype`` on the CPU, added to ``hook_embed``'s output."""
+        mask = self._attention_mask
+        if mask is not None and tuple(mask.shape) != (batch, seq_len):
+            raise ValueError(
+                f"GaussianNoise: its attention_mask has shape {tuple(mask.shape)}; the prompts are ({batch}, "
+                f"{seq_len})"
+            )
+        lengths = None if mask is None else mask.sum(1).tolist()
+        if self.positions is not None:
+            keep = _noise_mask(self.positions, batch, seq_len, lengths)
+        elif mask is not None:  # every real token: the first n of the real-token index of each row
+            keep = torch.arange(seq_len)[None, :] < mask.sum(1, keepdim=True)
+        else:
+            keep = None
         if self.std is not None:
             std = self.std
         else:
@@ -115,6 +145,12 @@ class GaussianNoise(Corruption):
         noise = torch.randn(batch, seq_len, d_model, generator=g, dtype=torch.float64, device="cpu") * std
         if keep is not None:
             noise = noise * keep[:, :, None]
+        if mask is not None:
+            # indexed by real token so far: each real column takes the entry of its real position, padding none
+            from ..models.transformer import real_token_positions
+
+            idx = real_token_positions(mask).clamp(min=0)
+            noise = noise.gather(1, idx[:, :, None].expand(-1, -1, d_model)) * mask[:, :, None]
         noise = noise.to(dtype)
         if not bool(torch.isfinite(noise).all()):
             raise ValueError(
@@ -124,9 +160,22 @@ class GaussianNoise(Corruption):
         return noise
 
 
-def _noise_mask(positions, batch: int, seq_len: int) -> torch.Tensor:
+def noise_under_mask(noise: GaussianNoise, keep: torch.Tensor | None) -> GaussianNoise:
+    """``noise`` placed under the patching mask ``keep`` (bool ``(batch, pos)``): a copy whose positions count
+    each row's real tokens and whose draw lands on them only (:class:`GaussianNoise`); ``noise`` itself without a
+    mask or under one without padding (its columns are then the real tokens)."""
+    if keep is None or bool(keep.all()):
+        return noise
+    out = copy.copy(noise)
+    out._attention_mask = keep.detach().to("cpu", torch.bool)
+    return out
+
+
+def _noise_mask(positions, batch: int, seq_len: int, lengths: list[int] | None = None) -> torch.Tensor:
     """``(batch, seq_len)`` bool on the CPU: where :class:`GaussianNoise` ``positions`` (shared by the examples, or
-    one sequence per example) put noise; refused by name when out of range or of another shape."""
+    one sequence per example) put noise; refused by name when out of range or of another shape. ``lengths``: each
+    row's number of real tokens under an attention mask: the positions then count them (index ``p`` of row ``b``:
+    its ``p``-th real token, a negative one from its last), and must fall among them."""
     name = "GaussianNoise.positions"
     ndim = getattr(positions, "ndim", None)  # a tensor's or an array's
     if ndim is not None:
@@ -145,8 +194,12 @@ def _noise_mask(positions, batch: int, seq_len: int) -> torch.Tensor:
     keep = torch.zeros(batch, seq_len, dtype=torch.bool, device="cpu")
     if rows is None:  # the same positions in every example
         pos = _ints(positions, name)
-        _in_range(pos, name, seq_len)
-        keep[:, pos] = True
+        if lengths is None:
+            _in_range(pos, name, seq_len)
+            keep[:, pos] = True
+        else:
+            for b, n in enumerate(lengths):
+                keep[b, _real_index(pos, name, b, n)] = True
         return keep
     if len(rows) != batch:
         raise ValueError(
@@ -160,8 +213,11 @@ def _noise_mask(positions, batch: int, seq_len: int) -> torch.Tensor:
                 "sequence of positions shared by all examples"
             )
         pos = _ints(row, f"{name}[{b}]")
-        _in_range(pos, f"{name}[{b}]", seq_len)
-        keep[b, pos] = True
+        if lengths is None:
+            _in_range(pos, f"{name}[{b}]", seq_len)
+            keep[b, pos] = True
+        else:
+            keep[b, _real_index(pos, f"{name}[{b}]", b, lengths[b])] = True
     return keep
 
 
@@ -169,6 +225,18 @@ def _in_range(pos: list[int], name: str, seq_len: int) -> None:
     bad = [p for p in pos if not -seq_len <= p < seq_len]
     if bad:
         raise ValueError(f"{name} contains {bad}: out of range for prompts of {seq_len} positions")
+
+
+def _real_index(pos: list[int], name: str, row: int, n: int) -> list[int]:
+    """The positions ``pos`` of row ``row``, which has ``n`` real tokens, as indices ``0 .. n - 1`` of its real
+    tokens (a negative one counts from its last); one past its real tokens is refused naming the row."""
+    bad = [p for p in pos if not -n <= p < n]
+    if bad:
+        raise ValueError(
+            f"{name} contains {bad}: under attention_mask positions count each row's real tokens, and row {row} has "
+            f"{n} (positions {-n} .. {n - 1})"
+        )
+    return [p % n for p in pos]
 
 
 @torch.no_grad()
@@ -211,7 +279,9 @@ class MeanAblation(Corruption):
     ``attention_mask``, right-padded) may be given as ``reference_tokens``: its mask is then the mean's. Other
     remedy: give ``reference_tokens`` of prompts real at every position (any number of them, of the prompts'
     length); with reference prompts shorter than the clean ones, the clean prompts' real positions past every
-    reference prompt get 0. The mask is read by :func:`~pypattern.patching.activation_patching`,
+    reference prompt get 0. Reference prompts given with their mask may be padded past the model's learned positions when
+    each row's real tokens fit them (they then run under that mask, each row's real tokens at positions
+    ``0 .. n-1``). The mask is read by :func:`~pypattern.patching.activation_patching`,
     :func:`~pypattern.patching.attribution_patching` and ``shortlist_and_confirm``.
     """
 
