@@ -131,6 +131,36 @@ def _read_prompts(clean, corrupted, attention_mask):
     return read_prompts(clean, corrupted, attention_mask, names=("clean", "corrupted"))
 
 
+def _reference_prompts(corrupted, ablation, mean_mask, mode):
+    """``(corrupted, mean_mask)`` with a mean ablation's reference prompts given as a tokenizer's output (noising
+    with ``ablation="mean"`` and ``corrupted`` a dict or ``BatchEncoding`` holding ``input_ids`` and
+    ``attention_mask``): its ``attention_mask`` is the mean's ``mean_mask`` (the mean at each position over the
+    reference prompts real there; right padding only, as ``mean_mask``), and ``corrupted`` is returned without it
+    (the reference prompts run unmasked, each real token computed as in its prompt alone under right padding).
+    Anything else is returned as given (:func:`_read_prompts` reads it)."""
+    from collections.abc import Mapping
+
+    from ..patching.api import _as_array
+    from ..patching.corruptions import mean_mask as checked_mean_mask
+
+    if not (isinstance(corrupted, Mapping) and isinstance(ablation, str) and ablation == "mean"):
+        return corrupted, mean_mask
+    if mode != "noise" or corrupted.get("attention_mask") is None or "input_ids" not in corrupted:
+        return corrupted, mean_mask
+    if mean_mask is not None:
+        raise ValueError(
+            "corrupted holds an attention_mask (the mask of the mean's reference prompts) and mean_mask is given "
+            "too: give the mask of the mean once"
+        )
+    am, ids = corrupted["attention_mask"], corrupted["input_ids"]
+    am = am if isinstance(am, torch.Tensor) else _as_array(am, "corrupted['attention_mask']")
+    ids = ids if isinstance(ids, torch.Tensor) else _as_array(ids, "corrupted['input_ids']")
+    shape = tuple(ids.shape) if ids.dim() == 2 else None  # other shapes: refused as prompts by name
+    mask = checked_mean_mask(am, "corrupted['attention_mask']", shape)
+    rest = {k: v for k, v in corrupted.items() if k not in ("attention_mask", "position_ids")}
+    return {**rest, "input_ids": ids}, mask
+
+
 def _circuit_mask(edges, graph: EdgeGraph | None):
     """A found :class:`Circuit` (acdc, ``EdgeScores.circuit``) as its mask on its graph (``graph`` when given);
     any other ``edges`` unchanged."""
@@ -319,7 +349,9 @@ def patch_edges(
         ``TokenReplacement(tokens)`` of :mod:`pypattern.patching` is its ``tokens``. A tokenizer's output (a dict
         or ``BatchEncoding`` holding ``input_ids`` and optionally ``attention_mask``, padded on either side) is read
         as its ids and ``attention_mask``; the corrupted prompts' mask must be the clean ones', and one given as
-        ``attention_mask=`` too must be the same.
+        ``attention_mask=`` too must be the same. A mean ablation's reference prompts (``mode="noise"``,
+        ``ablation="mean"``) given so are the exception: their ``attention_mask`` is the mean's ``mean_mask`` (right
+        padding; left padding is refused), whatever the clean prompts' mask.
     metric : Metric
         Maps logits ``(..., batch, vocab)`` at ``metric.position`` to ``(..., batch)`` (e.g.
         :class:`~pypattern.patching.LogitDiff`).
@@ -380,6 +412,7 @@ def patch_edges(
     :func:`edge_attribution` does.
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, mean_mask = _reference_prompts(corrupted, ablation, mean_mask, mode)
     clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "patch_edges")
     model = _converted(model, "patch_edges")
@@ -611,6 +644,7 @@ def edge_attribution(
     """
     memory_arg = "max_memory" if max_memory is not None else "memory_budget"
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, mean_mask = _reference_prompts(corrupted, ablation, mean_mask, mode)
     clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "edge_attribution")
     model = _converted(model, "edge_attribution")
@@ -756,6 +790,7 @@ def edge_attribution(
             "seconds": time.perf_counter() - t0,
             "passes": passes,
             "scored_examples": used.cpu(),
+            "attention_mask": attention_mask is not None,
         },
     )
 
@@ -1159,6 +1194,7 @@ def faithfulness(
     :func:`patch_edges`).
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, mean_mask = _reference_prompts(corrupted, ablation, mean_mask, mode)
     clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "faithfulness")
     model = _converted(model, "faithfulness")
@@ -1425,6 +1461,7 @@ def pruning_curve(
                 f"score per edge, or a dict of them{hint}"
             )
     mode, ablation = _curve_frame(scores, mode, ablation)
+    corrupted, mean_mask = _reference_prompts(corrupted, ablation, mean_mask, mode)
     clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "pruning_curve")
     first_name, first = next(iter(scores.items()))
@@ -1525,7 +1562,11 @@ def pruning_curve(
         mode=mode,
         ablation=ablation,
         metric=_metric_name(metric),
-        info={"seconds": seconds, "num_runs": int(allm.shape[0])},
+        info={
+            "seconds": seconds,
+            "num_runs": int(allm.shape[0]),
+            "attention_mask": attention_mask is not None,
+        },
     )
 
 
@@ -1681,9 +1722,11 @@ def acdc(
     Circuit
         The kept edges, with ``scores`` = the metric drop measured when each edge was tested (0 for edges removed
         without a test) and ``faithfulness`` of the result; ``info`` holds the number of patched runs
-        (``num_runs``) and of the edges removed without a test (``num_untested``).
+        (``num_runs``) and of the edges removed without a test (``num_untested``), and whether the prompts ran under
+        an attention mask (``attention_mask``, as :mod:`pypattern.patching`'s results record it).
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, mean_mask = _reference_prompts(corrupted, ablation, mean_mask, mode)
     clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "acdc")
     model = _converted(model, "acdc")
@@ -1756,8 +1799,9 @@ def acdc(
             m_cur, cur = m_full, rows[0]
             drop = torch.zeros(E, dtype=torch.float64)
             runs, untested = 2, 0
+            skipped = torch.zeros(E, dtype=torch.bool)
         else:
-            keep, drop = state["keep"], state["drop"]
+            keep, drop, skipped = state["keep"], state["drop"], state["skipped"]
             m_full, m_empty, m_cur = state["m_full"], state["m_empty"], state["m_cur"]
             runs, untested = state["runs"], state["untested"]
             cur = state["cur"]
@@ -1786,30 +1830,35 @@ def acdc(
                     untested,
                     inert,
                     cur,
+                    skipped,
                 )
                 if checkpoint is None:
                     pass
                 elif d == 0 or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S:
                     saved, done = time.perf_counter(), None
                     _acdc_save(
-                        checkpoint, fp, d, keep, drop, reach.live, m_full, m_empty, m_cur, runs, untested, cur
-                    )
+                        checkpoint, fp, d, keep, drop, reach.live, m_full, m_empty, m_cur, runs, untested, cur,
+                        skipped,
+                    )  # fmt: skip
                 else:
-                    done = (d, keep.clone(), drop.clone(), reach.live.clone(), m_cur, runs, untested, cur)
+                    done = (
+                        d, keep.clone(), drop.clone(), reach.live.clone(), m_cur, runs, untested, cur,
+                        None if skipped is None else skipped.clone(),
+                    )  # fmt: skip
                 if bar is not None:
                     bar.update(1)
         except BaseException:  # stopped (Ctrl-C, an error): the destination inputs decided so far are written
             if done is not None:
-                nxt, k, dr, live, mc, r, u, c = done
-                _acdc_save(checkpoint, fp, nxt, k, dr, live, m_full, m_empty, mc, r, u, c)
+                nxt, k, dr, live, mc, r, u, c, sk = done
+                _acdc_save(checkpoint, fp, nxt, k, dr, live, m_full, m_empty, mc, r, u, c, sk)
             raise
-    tested = E - untested
-    zeros = int((drop == 0).sum()) - untested  # an edge removed without a test keeps its drop of 0
+    tested, zeros, counted = _acdc_tested_zeros(graph, drop, untested, skipped, attention_mask, clean)
     if mode == "denoise" and tested and zeros > tested / 2:
         warnings.warn(
-            f"acdc(mode='denoise'): {zeros} of the {tested} edges tested changed the metric by exactly 0 when left "
-            "out: the search starts from the full circuit, the clean run, where an edge out of a node whose own "
-            "inputs are still restored carries that node's clean output either way, so its test cannot see it and "
+            f"acdc(mode='denoise'): {zeros} of the {tested} edges tested{counted} changed the metric by exactly 0 "
+            "when left out: the search starts from the full circuit, the clean run, where an edge out of a node "
+            "whose own inputs are still restored carries that node's clean output either way, so its test cannot "
+            "see it and "
             f"threshold={threshold:g} alone decided it (0 keeps such edges, any positive threshold removes them); "
             "use mode='noise' for ACDC's search, or rank the edges with edge_attribution(mode='denoise') and read "
             "pruning_curve",
@@ -1835,6 +1884,7 @@ def acdc(
             "m_empty": m_empty,
             "mode": mode,
             "ablation": ablation,
+            "attention_mask": attention_mask is not None,
         },
     )
 
@@ -1843,20 +1893,49 @@ def acdc(
 _ACDC_TIE_ULPS = 16
 
 
+def _acdc_tested_zeros(graph, drop, untested, skipped, attention_mask, clean) -> tuple[int, int, str]:
+    """The counts of ACDC's denoising warning: ``(tested, zeros, what)``, the edges tested and those among them
+    whose test read a drop of exactly 0. On a per-position graph under an attention mask, only edges at a position
+    real in some prompt count (an edge at a position every prompt pads cannot change the metric: counting it would
+    make a padded batch's counts differ from its prompts' unpadded); ``what`` then says so in the warning (empty
+    otherwise). ``skipped``: the edges removed without a test (None when unknown: every edge counts)."""
+    from ..patching.api import patching_mask
+
+    E = len(graph)
+    counted = torch.ones(E, dtype=torch.bool)
+    what = ""
+    if graph.per_position and attention_mask is not None and skipped is not None:
+        keep = patching_mask(attention_mask, tuple(clean.shape))  # (checked by the runs)
+        real = keep.any(0)[graph.pos_idx]
+        if not bool(real.all()):
+            counted = real
+            what = (
+                f" at real tokens (the {int((~real).sum())} edges at positions that attention_mask marks as padding "
+                "in every prompt, which cannot change the metric, are not counted)"
+            )
+    if skipped is None:  # an edge removed without a test keeps its drop of 0
+        return E - untested, int((drop == 0).sum()) - untested, what
+    tested = counted & ~skipped
+    return int(tested.sum()), int((tested & (drop == 0)).sum()), what
+
+
 def _acdc_destination(
-    d, graph, reach, keep, drop, evaluate, window, threshold, tie, m_cur, runs, untested, inert, cur
-):
+    d, graph, reach, keep, drop, evaluate, window, threshold, tie, m_cur, runs, untested, inert, cur, skipped=None
+):  # fmt: skip
     """ACDC's tests of the edges into destination input ``d`` (updating ``keep`` and ``drop`` in place): each edge,
     latest source first, is left out of the current circuit and removed when the metric moves by less than
     ``threshold``; up to ``window`` candidates are evaluated per batch. ``cur``: the current circuit's metric per
     measured example (mean ``m_cur``); an edge that cannot change an example's metric (``inert (E, examples)``)
     leaves it at ``cur`` exactly, and one that can change none of them moves the mean by exactly 0. Returns the new
-    ``(m_cur, cur, runs, untested)``."""
+    ``(m_cur, cur, runs, untested)``. ``skipped (E,)`` (bool, or None): the edges removed without a test are set
+    in it."""
     cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
     if threshold > 0:
         live = reach.update(d, keep)[reach.epos[cand]]
         keep[cand[~live]] = False
         untested += int((~live).sum())
+        if skipped is not None:
+            skipped[cand[~live]] = True
         cand = cand[live]
     remaining = cand.tolist()
     while remaining:
@@ -1884,9 +1963,12 @@ def _acdc_destination(
     return m_cur, cur, runs, untested
 
 
-def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, untested, cur) -> None:
+def _acdc_save(
+    path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, untested, cur, skipped=None
+) -> None:
     """ACDC's state once the destination inputs from ``nxt`` on are decided (the next to visit is ``nxt - 1``);
-    ``cur``: the current circuit's metric per measured example."""
+    ``cur``: the current circuit's metric per measured example; ``skipped``: the edges removed without a test
+    (bool ``(E,)``, or None when unknown)."""
     from .. import io
 
     io.save(
@@ -1896,6 +1978,7 @@ def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, un
             "drop": drop.numpy(),
             "live": live.numpy(),
             "cur": cur.detach().to(torch.float64).numpy(),
+            **({} if skipped is None else {"skipped": skipped.numpy()}),
         },
         {
             CHECKPOINT_VERSION_KEY: _ACDC_VERSION,
@@ -1943,7 +2026,12 @@ def _acdc_resume(path, fp, graph: EdgeGraph, reach: _Reach) -> dict:
             str(kind)
         )
         cur = torch.from_numpy(got.copy()).to(dtype) if dtype is not None else None
+    # the edges removed without a test (a state written without them: unknown, None)
+    skipped = arrays.get("skipped")
+    ok = skipped is not None and skipped.shape == (E,) and skipped.dtype == np.bool_
+    skipped = torch.from_numpy(skipped.copy()) if ok and int(skipped.sum()) == int(untested) else None
     return {
+        "skipped": skipped,
         "cur": cur,
         "next": nxt,
         "keep": torch.from_numpy(arrays["keep"].copy()),

@@ -588,9 +588,44 @@ class ModelView:
                 k = a.proj(self.attn_norm(layer, xkv), a.W_K, a.b_K).movedim(-2, 0)
             else:
                 q, k = linear[0], linear[1]
+        if self._wide_qk_norm_vjp(a.q_norm, gq) and self._wide_qk_norm_vjp(a.k_norm, gk):
+            return self._rms_vjp(a.q_norm, q, gq), self._rms_vjp(a.k_norm, k, gk)
         with torch.enable_grad():  # autograd through the norms: d_head-sized rows
             q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
             return torch.autograd.grad((a.qk_normed("q", q), a.qk_normed("k", k)), (q, k), (gq, gk))
+
+    @staticmethod
+    def _wide_qk_norm_vjp(norm, g: torch.Tensor) -> bool:
+        """Whether a per-head query/key norm's VJP runs in closed form in the cotangent's dtype (:meth:`_rms_vjp`):
+        pypattern's RMSNorm without hooks that computes in a narrower dtype than the model's (float32, as Hugging
+        Face's Qwen3 norms, in a float64 model). Autograd through such a norm would round each cotangent to float32
+        (a relative 6e-8), and a cotangent that differs in its last float64 bits (a padded batch against each prompt
+        alone) would round apart; the closed form in float64 is the derivative of the same norm, exact to float64
+        rounding. Any other norm (one computing in the model's dtype, a float32 or 16-bit model) takes autograd."""
+        from ..models.transformer import RMSNorm
+
+        cd = norm.compute_dtype
+        return (
+            type(norm) is RMSNorm
+            and cd is not None
+            and g.is_floating_point()
+            and torch.promote_types(cd, g.dtype) == g.dtype != cd
+            and norm.w.dtype == g.dtype
+            and not (norm.hook_scale.active or norm.hook_normalized.active)
+            and not (norm._forward_hooks or norm._forward_pre_hooks)
+        )
+
+    @staticmethod
+    def _rms_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The VJP of the RMSNorm ``norm`` at ``x (..., k)`` applied to ``g (..., k)``, in ``g``'s dtype: with ``r =
+        rsqrt(mean(x^2) + eps)``, ``x_hat = x r`` and ``g_w = g * (offset + w)``, ``r (g_w - x_hat mean(g_w
+        x_hat))``."""
+        with torch.no_grad():
+            x = x.to(g.dtype)
+            r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+            xhat = x * r
+            gw = g * norm.gain
+            return (gw - xhat * (gw * xhat).mean(-1, keepdim=True)).mul_(r)
 
     def _unrotate(self, layer: int, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The rotary embedding's VJP at positions ``pos`` (it is linear: the same at every point)."""

@@ -266,8 +266,9 @@ class EdgeScores:
     m_base, m_clean : Tensor ``(batch,)``
         Metric of the base run (clean for noising, corrupted for denoising) and of the clean run.
     info : dict
-        ``"steps"``, ``"seconds"``, ``"passes"``, and ``"scored_examples"``: the examples scored, a bool tensor
-        ``(batch,)`` (:attr:`scored_examples`).
+        ``"steps"``, ``"seconds"``, ``"passes"``, ``"attention_mask"`` (whether the prompts ran under an attention
+        mask, ``attention_mask=`` or a tokenizer's output holding one, as :mod:`pypattern.patching`'s results record
+        it), and ``"scored_examples"``: the examples scored, a bool tensor ``(batch,)`` (:attr:`scored_examples`).
 
     :attr:`scores` and the standard errors of :meth:`to_pandas` are over :attr:`scored_examples`.
     """
@@ -655,6 +656,9 @@ class PruningCurve(io.Saveable):
         m_empty) / (m_full - m_empty)`` (NaN where ``m_full == m_empty``).
     m_full, m_empty : float
         Batch-mean metric of the full model and of the fully ablated one.
+    info : dict
+        ``"seconds"``, ``"num_runs"`` (patched runs) and ``"attention_mask"`` (whether the prompts ran under an
+        attention mask) of :func:`~pypattern.circuits.pruning_curve`.
 
     :meth:`load` refuses a file whose counts do not increase or whose faithfulness is not that of its metric
     values (``pypattern.io.FormatError`` naming the file).
