@@ -334,3 +334,96 @@ def test_cli_reads_files_padded_past_the_learned_positions(side, gpt2_dir, tmp_p
     with pytest.raises(SystemExit):
         main(["patch", "--model", str(gpt2_dir), "--data", str(tmp_path / "over.npz"), "--out", str(out)])
     assert "row 2 has 9 real tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("own_reference", [True, False])
+@pytest.mark.parametrize("max_batch", [None, 2])
+def test_attribution_mean_ablation_padded_past_the_learned_positions(own_reference, max_batch):
+    """AtP's mean ablation over prompts 10 columns wide (right-padded, every row's real tokens within the 8 learned
+    positions): the reference prompts (their own, or the clean ones) run under their mask, so the scores equal those
+    of the same prompts cut to their 8 columns of real tokens (the padding columns past 8 are never real), and a
+    padding column's estimate is the clean run's metric (its patch changes nothing). Whole batch and in parts of
+    ``max_batch``."""
+    m = tiny(n_ctx=8)
+    T = 10
+    clean, mask, _ = padded([8, 5, 6], T, "right")
+    ref, ref_mask, _ = padded([8, 3, 7, 2], T, "right", seed=2)
+    met = LogitDiff(ANSWER, WRONG, position=mask.sum(1) - 1)
+
+    def corruption(width):
+        if not own_reference:
+            return MeanAblation()
+        return MeanAblation(
+            reference_tokens={"input_ids": ref[:, :width], "attention_mask": ref_mask[:, :width]}
+        )
+
+    kw = dict(direction="noising", metric=met, sites=["z", "resid_pre"], max_batch=max_batch)
+    got = attribution_patching(m, clean, corruption=corruption(T), attention_mask=mask, **kw)
+    cut = attribution_patching(m, clean[:, :8], corruption=corruption(8), attention_mask=mask[:, :8], **kw)
+    for site in ("z", "resid_pre"):
+        g, c = got[site].values, cut[site].values
+        torch.testing.assert_close(g[..., :8], c, atol=TOL, rtol=0)
+        clean_metric = got[site].clean.view(-1, *[1] * (g.dim() - 1))
+        assert bool((g[..., 8:] == clean_metric).all())
+        assert float((c - clean_metric).abs().max()) > 0
+
+
+def test_circuit_command_reads_files_padded_past_the_learned_positions(gpt2_dir, tmp_path, capsys):
+    """``circuit`` on 10-column right-padded files for a model of 8 learned positions (every row's real tokens fit):
+    a token file with a mask and a corrupted file without one (it takes the data's), and a prompt file with its
+    mask, give the edge scores of the same files cut to their first 8 columns (the columns past 8 are padding in
+    every row); a row of 9 real tokens is refused naming it."""
+    import pandas as pd
+
+    from pypattern.cli import main
+
+    T, lengths = 10, [8, 5, 3, 6]
+    ids, mask, _ = padded(lengths, T, "right")
+    corr = ids.clone()
+    last = mask.sum(1) - 1
+    corr[torch.arange(4), last - 1] = (corr[torch.arange(4), last - 1] + 5) % V
+    answer = torch.tensor([1, 2, 3, 4])
+
+    def files(width, tag):
+        data, cfile, prompts = (tmp_path / f"{tag}_{n}.npz" for n in ("data", "corr", "prompts"))
+        np.savez(data, tokens=ids[:, :width].numpy(), attention_mask=mask[:, :width].numpy())
+        np.savez(cfile, tokens=corr[:, :width].numpy())
+        np.savez(
+            prompts, clean=ids[:, :width].numpy(), corrupted=corr[:, :width].numpy(), answer=answer.numpy(),
+            attention_mask=mask[:, :width].numpy(),
+        )  # fmt: skip
+        return data, cfile, prompts
+
+    def scores(args, out):
+        argv = ["circuit", "--model", str(gpt2_dir), *args, "--methods", "eap", "--out", str(out), "--quiet"]
+        assert main(argv) == 0
+        return pd.read_csv(out / "edge_scores.csv").set_index("name")["score"]
+
+    wide, cut = files(T, "wide"), files(8, "cut")
+    for kind, pick in (("tokens", lambda f: ["--data", str(f[0]), "--corrupted", str(f[1])]),
+                       ("prompts", lambda f: ["--data", str(f[2])])):  # fmt: skip
+        got = scores(pick(wide), tmp_path / f"wide_{kind}")
+        want = scores(pick(cut), tmp_path / f"cut_{kind}")
+        np.testing.assert_allclose(got[want.index].to_numpy(), want.to_numpy(), rtol=1e-6, atol=1e-9)
+        assert float(np.abs(want.to_numpy()).max()) > 0
+    over = mask.clone()
+    over[2, :9] = 1
+    np.savez(tmp_path / "over.npz", clean=ids.numpy(), corrupted=corr.numpy(), answer=answer.numpy(),
+             attention_mask=over.numpy())  # fmt: skip
+    capsys.readouterr()
+    argv = [
+        "circuit",
+        "--model",
+        str(gpt2_dir),
+        "--data",
+        str(tmp_path / "over.npz"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--quiet"])
+    assert stop.value.code == 2
+    assert (
+        "row 2 has 9 real tokens under its 'attention_mask'; the model's n_ctx is 8"
+        in capsys.readouterr().err
+    )

@@ -353,9 +353,20 @@ def load_prompts(
                 "metric is then the answer's log-probability)"
             )
     if n_ctx is not None and clean.shape[1] > n_ctx:
-        raise ValueError(
-            f"tokens={path!r}: prompts have {clean.shape[1]} tokens; the model's n_ctx is {n_ctx}"
-        )
+        from ..experiments.user_model import has_padding
+
+        if not has_padding(mask):
+            raise ValueError(
+                f"tokens={path!r}: prompts have {clean.shape[1]} tokens; the model's n_ctx is {n_ctx}"
+            )
+        # under a mask with padding the learned positions bound each row's real tokens (read at 0 .. n-1)
+        real_len = mask.bool().sum(1)
+        if bool((real_len > n_ctx).any()):
+            row = int((real_len > n_ctx).nonzero()[0, 0])
+            raise ValueError(
+                f"tokens={path!r}: row {row} has {int(real_len[row])} real tokens under its 'attention_mask'; the "
+                f"model's n_ctx is {n_ctx}"
+            )
     if rotary_limit is not None and clean.shape[1] > rotary_limit:
         from ..experiments.user_model import length_check_error
 
@@ -400,7 +411,13 @@ def user_prompts(model, tokens: str, corrupted: str | None = None, *, with_mask:
     left-padded mask is refused: the mean ablation averages each column over the prompts, and the columns of
     left-padded prompts hold tokens at other positions of their prompts. Without ``with_mask`` a file holding an
     ``attention_mask`` is refused (its padding would be read as text)."""
-    from ..experiments.user_model import check_same_mask, left_padded, load_tokens, token_limits
+    from ..experiments.user_model import (
+        check_same_mask,
+        check_token_limits,
+        left_padded,
+        load_tokens,
+        token_limits,
+    )
     from ..patching import LogProb
 
     limits = {} if model is None else token_limits(model)
@@ -431,7 +448,12 @@ def user_prompts(model, tokens: str, corrupted: str | None = None, *, with_mask:
     corr = None
     if corrupted is not None:
         if with_mask:
-            corr, corr_mask = load_tokens(corrupted, **limits, argument="corrupted", with_mask=True)
+            # its lengths checked under the data's mask, which it shares (a file without a mask takes the data's)
+            corr, corr_mask = load_tokens(
+                corrupted, **{**limits, "n_ctx": None}, argument="corrupted", with_mask=True
+            )
+            if model is not None and corr.shape == clean.shape:
+                check_token_limits(corr, corrupted, **limits, argument="corrupted", attention_mask=mask)
         else:
             corr, corr_mask = load_tokens(corrupted, **limits, argument="corrupted"), None
     elif left_padded(mask):

@@ -776,7 +776,7 @@ def prepare_runs(
     pos = metric_positions(metric, B, T)
     check_positions_real(keep, pos)
     masking = masking_kwargs(model, keep, dev) if mask_forwards else {}
-    ref_masking = _reference_masking(model, corruption, limit, dev)
+    ref_masking = reference_masking(model, corruption, limit, dev)
     corr_tokens, corr_noise = None, None
     if isinstance(corruption, TokenReplacement):
         corr_tokens = corruption.corrupted_tokens.to(dev)
@@ -883,18 +883,22 @@ def prepare_runs(
     )
 
 
-def _reference_masking(model, corruption, limit: int | None, device) -> dict:
-    """The keywords the forward of a :class:`MeanAblation`'s own reference prompts takes: none (they run as they
-    are: right-padded, their real tokens never read the later padding), but for prompts wider than the model's
-    ``limit`` learned positions, which run under their own mask (each row's real tokens at ``0 .. n-1``, the
-    positions they hold unpadded); a row of more real tokens than ``limit``, or such prompts without a mask, are
-    refused naming ``MeanAblation.reference_tokens``."""
-    if not isinstance(corruption, MeanAblation) or corruption.reference_tokens is None:
+def reference_masking(model, corruption, limit: int | None, device, tokens=None) -> dict:
+    """The keywords the forward of a :class:`MeanAblation`'s reference prompts takes (its ``reference_tokens``,
+    else ``tokens``, the clean prompts, when given): none (they run as they are: right-padded, their real tokens
+    never read the later padding), but for prompts wider than the model's ``limit`` learned positions, which run
+    under the ablation's mask (each row's real tokens at ``0 .. n-1``, the positions they hold unpadded); a row of
+    more real tokens than ``limit``, or such prompts without a mask, are refused naming
+    ``MeanAblation.reference_tokens``."""
+    if not isinstance(corruption, MeanAblation):
+        return {}
+    ref = corruption.reference_tokens if corruption.reference_tokens is not None else tokens
+    if ref is None:
         return {}
     own = corruption.attention_mask
     own = None if own is None else own.detach().to("cpu", torch.bool)
-    T = corruption.reference_tokens.shape[1]
-    if not check_real_length(own, limit, T, "MeanAblation.reference_tokens", "its attention_mask"):
+    name = "MeanAblation.reference_tokens" if corruption.reference_tokens is not None else "clean_tokens"
+    if not check_real_length(own, limit, ref.shape[1], name, "its attention_mask"):
         return {}
     return masking_kwargs(model, own, device)
 

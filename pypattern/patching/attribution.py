@@ -47,6 +47,7 @@ from .api import (
     mean_with_mask,
     patching_mask,
     read_prompts,
+    reference_masking,
     resolve_corruption,
     warn_half_precision,
     warn_if_no_op,
@@ -716,10 +717,12 @@ def _mean_activations(model, corruption, clean_tokens, max_batch: int, kw: dict)
             s = masked_mean(x, m, 0, pd).to(w.dtype) * w.view(shape)
         sums[hook.name] = s if hook.name not in sums else sums[hook.name] + s
 
+    # prompts wider than the learned positions run under the ablation's mask (each row's real tokens at 0 .. n-1)
+    ref_kw = reference_masking(model, corruption, model.cfg.max_positions, ref.device, ref)
     for s in range(0, ref.shape[0], max_batch):
         part[0] = slice(s, s + max_batch)
         with model.hooks([(lambda n: n in names, add)]):
-            model(ref[s : s + max_batch], return_type=None)
+            model(ref[s : s + max_batch], return_type=None, **{k: v[part[0]] for k, v in ref_kw.items()})
     if mask is None:
         return {n: t / ref.shape[0] for n, t in sums.items()}
     out = {}
@@ -839,8 +842,12 @@ def _atp(
         hooks = [("hook_embed", embedding_noise_hook(nz))] if nz is not None else []
         hooks.append((lambda n: n in names, lambda x, hook: cache.__setitem__(hook.name, x.detach())))
         with torch.no_grad(), model.hooks(hooks):
-            if not rows:
-                model(tokens, return_type=None)
+            if not rows:  # the reference prompts: under their own mask when wider than the learned positions
+                model(
+                    tokens,
+                    return_type=None,
+                    **reference_masking(model, corruption, cfg.max_positions, tokens.device),
+                )
                 return None, cache
             return _final_rows(model, tokens, pos, masking), cache
 
