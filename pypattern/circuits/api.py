@@ -946,7 +946,7 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
     E = len(graph)
     base = engine.base_metric()
     block = max(1, engine.chunk_size())  # one engine batch per run call
-    values = torch.empty(engine.B, E, dtype=base.dtype)
+    values = torch.empty(engine.B, E, dtype=base.dtype, device="cpu")
     done = 0
     fp = None
     if checkpoint is not None:
@@ -990,8 +990,8 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
             )
 
         def run_block(start: int, stop: int) -> None:
-            masks = torch.zeros(stop - start, E, dtype=torch.bool)
-            masks[torch.arange(stop - start), torch.arange(start, stop)] = True
+            masks = torch.zeros(stop - start, E, dtype=torch.bool, device="cpu")
+            masks[torch.arange(stop - start, device="cpu"), torch.arange(start, stop, device="cpu")] = True
             values[:, start:stop] = (engine.run(masks) - base[None]).T
 
         _run_in_blocks(done, E, block, run_block, None if checkpoint is None else save, bar, saved, False)

@@ -188,7 +188,8 @@ class EdgeEngine:
         self.n_read = {s: int((g.src_stage < s).sum()) for s in g.stages}  # sources read at each stage
         src_pos = {n: i for i, n in enumerate(g.src_names)}
         self.head_srcs = [
-            torch.tensor([src_pos[f"L{layer}H{h}"] for h in range(self.H)]) for layer in range(self.L)
+            torch.tensor([src_pos[f"L{layer}H{h}"] for h in range(self.H)], device="cpu")
+            for layer in range(self.L)
         ]
         self.mlp_src = [src_pos.get(f"MLP{layer}") for layer in range(self.L)]
         self.max_batch = None if max_batch is None else int(max_batch)
@@ -276,7 +277,9 @@ class EdgeEngine:
         if grad not in self._vocab_run:
             g = torch.Generator(device="cpu").manual_seed(0)
             V = self.view.model.cfg.d_vocab
-            logits = torch.randn(self.B, V, generator=g, dtype=torch.float32).to(self.device, self.dtype)
+            logits = torch.randn(self.B, V, generator=g, dtype=torch.float32, device="cpu").to(
+                self.device, self.dtype
+            )
             metric = self.metric
             if not self.bound:  # a copy bound to the logits it is measured on
                 try:
@@ -328,12 +331,16 @@ class EdgeEngine:
             # attends nothing, its MLP input and logits stay at that row): what a source carries there, or an
             # edge into it, changes no metric; the runs compute such rows all the same
             zero = zero | pad[None]
-        pos = torch.full((B,), T - 1, dtype=torch.long) if self.uniform else self.pos.cpu().long()
-        upto = torch.arange(T)[None, :] <= pos[:, None]  # (B, T): the rows the metric's row may read
+        pos = (
+            torch.full((B,), T - 1, dtype=torch.long, device="cpu") if self.uniform else self.pos.cpu().long()
+        )
+        upto = (
+            torch.arange(T, device="cpu")[None, :] <= pos[:, None]
+        )  # (B, T): the rows the metric's row may read
         same = zero.all(0).int().cummin(1).values.bool()  # (B, T): before the first row any source differs
         # query inputs at rows whose query may attend one key only: its weight is 1 whatever the query
         one_key = self._one_key_rows(pad)  # (L, B, T)
-        is_q = torch.tensor([q == "q" for q in g.dst_qkv], dtype=torch.bool)[g.dst_idx]
+        is_q = torch.tensor([q == "q" for q in g.dst_qkv], dtype=torch.bool, device="cpu")[g.dst_idx]
         lay = (g.dst_stage // 2).clamp(max=self.L - 1)[g.dst_idx]
         if not g.per_position:
             fixed = (same | ~upto).all(1)[None].expand(len(g), B)
@@ -363,8 +370,8 @@ class EdgeEngine:
         first row; every row of a sliding window of one), by the model's attention masks (none found: the first
         row). Under padding ``pad (B, T)`` (True at padding) the real keys only: each example's first real row,
         and its padding rows, whose queries attend nothing."""
-        rows = torch.arange(self.T)
-        out = torch.zeros(self.L, self.B, self.T, dtype=torch.bool)
+        rows = torch.arange(self.T, device="cpu")
+        out = torch.zeros(self.L, self.B, self.T, dtype=torch.bool, device="cpu")
         for layer in range(self.L):
             try:
                 allowed = ~self.view.model.blocks[layer].attn.attn_mask(rows, rows).cpu()
@@ -422,13 +429,13 @@ class EdgeEngine:
         if not bool(cand.any()):
             return None
         cols = ~alone.all(1) & ~never  # edges inert for some examples only
-        ok = torch.ones(int(cand.sum()), self.B, dtype=torch.bool)
+        ok = torch.ones(int(cand.sum()), self.B, dtype=torch.bool, device="cpu")
         if bool(cols.any()):
             sub = live[cand][:, cols].float()
             ok = (sub @ (~alone[cols]).float()) == 0
         if coupled:
             ok = ok.all(1, keepdim=True).expand_as(ok)
-        out = torch.zeros(live.shape[0], self.B, dtype=torch.bool)
+        out = torch.zeros(live.shape[0], self.B, dtype=torch.bool, device="cpu")
         out[cand] = ok
         return out if bool(out.any()) else None
 
@@ -632,7 +639,7 @@ class EdgeEngine:
         if self._e_heads is None:
             self._e_heads = self._dst_qheads()[g.dst_idx].float()  # (E, H)
         e_heads = self._e_heads
-        hit = torch.empty(C, self.H, dtype=torch.bool)
+        hit = torch.empty(C, self.H, dtype=torch.bool, device="cpu")
         for i in range(0, C, 1024):
             at_first = live[i : i + 1024] & (e_stage[None] == first[i : i + 1024, None])
             hit[i : i + 1024] = (at_first.float() @ e_heads) > 0
@@ -668,7 +675,7 @@ class EdgeEngine:
         """``(n_dst, H)`` bool: the query heads whose output each destination input changes directly (its own head
         for a query input, the group of its key/value head for a key or value input, none for MLPs and logits)."""
         g = self.graph
-        out = torch.zeros(g.n_dst, self.H, dtype=torch.bool)
+        out = torch.zeros(g.n_dst, self.H, dtype=torch.bool, device="cpu")
         G = self.H // self.Hk
         for i, qkv in enumerate(g.dst_qkv):
             if qkv is None:
@@ -939,8 +946,8 @@ class EdgeEngine:
         C, V = Mv.shape[0], Mv.shape[2]
         abl = self._ablated_input(s, rows) if bool(comp.any()) else None
         if k is None:
-            at = torch.arange(V * C).view(V, C).T  # (c, v) -> row of out viewed (V * C, ...)
-            cs, cv = torch.arange(C).repeat(V), comp.T.reshape(-1)
+            at = torch.arange(V * C, device="cpu").view(V, C).T  # (c, v) -> row of out viewed (V * C, ...)
+            cs, cv = torch.arange(C, device="cpu").repeat(V), comp.T.reshape(-1)
         else:
             cls = torch.where(k == 0, 0, torch.where(k == n, 1, 2))  # (C, V): R, ablated, formed here
             pairs = (cls == 2).T.nonzero()  # (P, 2) as (v, c), by destination input first
@@ -1073,9 +1080,9 @@ class EdgeEngine:
             srcs = self.head_srcs[layer]
             R_pre = R
             if heads is not None and s == s0:
-                hs = torch.tensor(heads, dtype=torch.long)
+                hs = torch.tensor(heads, dtype=torch.long, device="cpu")
                 if len(heads):
-                    kv = torch.tensor(v.kv_heads_of(heads), dtype=torch.long)
+                    kv = torch.tensor(v.kv_heads_of(heads), dtype=torch.long, device="cpu")
                     sel = torch.cat([hs, H + kv, H + Hk + kv])
                     if isinstance(X, _Grouped):
                         O = self._attn_grouped(layer, X, R, qrows, rows, list(heads))

@@ -954,7 +954,7 @@ class ModelView:
         T = min(6, self.cfg.n_ctx)
         g = torch.Generator().manual_seed(0)
         dev = self.model.embed.W_E.device
-        tokens = torch.randint(0, self.cfg.d_vocab, (1, T), generator=g).to(dev)
+        tokens = torch.randint(0, self.cfg.d_vocab, (1, T), generator=g, device="cpu").to(dev)
         ref = self.model(tokens)
         err = max(float((ref - self.forward(tokens, per_head=ph)).abs().max()) for ph in (False, True))
         # half precision: the two orders of operations round differently, by a few units of the dtype's last

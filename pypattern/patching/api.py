@@ -490,8 +490,8 @@ def check_positions_real(keep: torch.Tensor | None, pos) -> None:
     if keep is None:
         return
     B, T = keep.shape
-    p = torch.full((B,), pos) if isinstance(pos, int) else torch.as_tensor(pos).cpu().long()
-    real = keep[torch.arange(B), p]
+    p = torch.full((B,), pos, device="cpu") if isinstance(pos, int) else torch.as_tensor(pos).cpu().long()
+    real = keep.cpu()[torch.arange(B, device="cpu"), p]
     if bool(real.all()):
         return
     row = int((~real).nonzero()[0, 0])
