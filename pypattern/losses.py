@@ -7,10 +7,10 @@ Batches
 * a **Hugging Face style mapping** (``dict`` or ``transformers.BatchEncoding``) with ``input_ids``, optionally
   ``attention_mask`` (0 = padding) and ``labels`` (-100 = ignore; as in Hugging Face, labels are *not* shifted
   by the user: the logits at position ``t`` are scored against ``labels[t + 1]``). Without ``labels`` the targets
-  are the ``input_ids``. ``position_ids`` and ``token_type_ids`` are passed on to models whose ``forward`` takes
-  them. Labels shifted by the user (``labels[:, t] == input_ids[:, t + 1]`` wherever a label is given, and
-  differing from ``input_ids`` at two or more positions) are refused: read as unshifted they would score each
-  position against the token after the next one;
+  are the ``input_ids``. ``position_ids`` and ``token_type_ids`` (integers) are passed on to models whose
+  ``forward`` takes them. Labels shifted by the user (``labels[:, t] == input_ids[:, t + 1]`` wherever a label is
+  given, and differing from ``input_ids`` at two or more positions) are refused: read as unshifted they would score
+  each position against the token after the next one;
 * a **one-element** ``(tokens,)`` / ``[tokens]`` (what a ``DataLoader`` over ``TensorDataset(tokens)`` yields):
   the token tensor it holds;
 * a **pair** ``(x, y)`` / ``[x, y]``: ``model(x)`` scored against ``y``; cross-entropy for integer ``y`` (class
@@ -343,6 +343,13 @@ def parse_batch(batch: Any) -> ParsedBatch:
                     )
                 if key == "labels" and v.dtype != torch.int64:
                     v = v.long()  # cross-entropy reads int64 targets
+                if key in _PASS_KEYS and not _is_int(v):
+                    # embeddings index with them (learned positions, token types); a rotary model would read
+                    # fractional positions without a word
+                    raise TypeError(
+                        f"batch[{key!r}] must hold integers, got {_describe(batch)}; give "
+                        f"batch[{key!r}].long()"
+                    )
                 if key == "attention_mask":
                     check_attention_mask(v, "batch['attention_mask']")
             fields[key] = v
@@ -475,6 +482,19 @@ def position_limit(model: nn.Module) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _reads_every_position_id(model: nn.Module) -> bool:
+    """Whether ``model`` (possibly a :func:`~pypattern.models.hf.hooked_hf` wrapper) is a Hugging Face model of a
+    family that indexes its learned position embedding with every ``position_ids`` entry, padding's included
+    (GPT-2, GPT-Neo, GPT-BigCode), so that a negative entry fails inside the embedding. pypattern's ``Transformer``
+    reads the real tokens' ids only and names a bad one itself; OPT offsets its ids by 2."""
+    if hasattr(getattr(model, "cfg", None), "max_positions"):
+        return False
+    inner = getattr(model, "model", model)
+    return getattr(getattr(inner, "config", None), "model_type", None) in _LEARNED_POSITION_TYPES and bool(
+        position_limit(model)
+    )
+
+
 def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     """:func:`parse_batch` for the batch a caller passed as ``argument`` (e.g. ``"probe"``), with errors naming it,
     and the token ids of a token batch checked against ``model``'s vocabulary (:func:`vocab_size`): an id out of
@@ -488,6 +508,8 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     GPT-2, GPT-Neo, GPT-BigCode, and pypattern's ``Transformer`` with ``positional_embedding_type="standard"`` whose
     ``cfg.mask_positions`` is False, e.g. converted from those) warns: each row's real tokens sit at shifted
     positions.
+    Negative ``position_ids`` for a Hugging Face GPT-2, GPT-Neo or GPT-BigCode model, which looks every entry up
+    in its position embedding, padding's included, are refused.
 
     Raises
     ------
@@ -518,6 +540,16 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                 "batch['position_ids'] = (attention_mask.cumsum(-1) - 1).clamp(min=0), or pad on the right",
                 UserWarning,
                 stacklevel=user_stacklevel(),
+            )
+    if pos is not None and pos.numel() and _takes(model, "position_ids") and _reads_every_position_id(model):
+        low = int(pos.min())
+        if low < 0:
+            row, col = (int(i) for i in (pos == low).nonzero()[0])
+            raise ValueError(
+                f"{argument}: batch['position_ids'] contains {low} (row {row}, column {col}), but "
+                f"{type(model).__name__} looks every entry up in its learned position embedding (padding's too), "
+                f"whose indices are 0 .. {position_limit(model) - 1}; give position_ids = "
+                "(attention_mask.cumsum(-1) - 1).clamp(min=0) (Hugging Face's generate() fills padding with 1)"
             )
     if pos is not None and not _takes(model, "position_ids"):
         plain = torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)
