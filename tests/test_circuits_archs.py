@@ -9,7 +9,16 @@ import os
 
 import pytest
 import torch
-from _circuits_reference import ARCHS, naive_first_order, naive_patch, prompts, tiny
+from _circuits_reference import (
+    ARCHS,
+    _sources,
+    at_pos,
+    naive_first_order,
+    naive_patch,
+    naive_run,
+    prompts,
+    tiny,
+)
 
 from pypattern.circuits import ModelView, edge_attribution, edges, faithfulness, patch_edges
 from pypattern.circuits.engine import prepare_runs
@@ -39,12 +48,18 @@ def _random_sets(n_edges, n, seed, p=0.3):
 
 
 def _reference(model, g, masks, clean, corr, metric, mode="noise", ablation="resample"):
-    return torch.stack(
-        [
-            naive_patch(model, [g[i] for i in m.nonzero().flatten()], clean, corr, metric, mode, ablation)
-            for m in masks
-        ]
-    )
+    """``naive_patch`` of each mask's edges, ``(len(masks), batch)``, in one hooked forward of the base prompts
+    repeated once per mask: every edge of any mask is rewired with coefficient 1 in the rows of the masks holding
+    it and 0 (the input left as it is) in the others; every row of the model's forward is computed on its own."""
+    masks = torch.as_tensor(masks, dtype=torch.bool)
+    n, B = masks.shape[0], clean.shape[0]
+    base_tokens, src = _sources(model, clean, corr, mode, ablation)
+    used = masks.any(0).nonzero().flatten()
+    coef = masks[:, used].to(src["embed"].dtype).repeat_interleave(B, 0)  # (n * batch, edges used)
+    src = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in src.items()}
+    with torch.no_grad():
+        logits = naive_run(model, [g[i] for i in used.tolist()], base_tokens.repeat(n, 1), src, coef=coef)
+    return torch.stack([metric(at_pos(part, metric.position)) for part in logits.split(B)])
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -1,5 +1,6 @@
 """The circuits module on tiny models converted from Hugging Face across architecture families, against a naive
-computation with one hooked forward per edge set on the plain converted model.
+computation with a hooked forward per edge set on the plain converted model (the sets side by side in the rows of
+one batch).
 
 Families: GPT-NeoX (parallel, partial rotary), Llama (grouped-query), Mistral (a sliding window shorter than the
 prompt), Qwen2 (query/key/value biases, one key/value head), Gemma (scaled embeddings, ``1 + w`` norms, multi-query,
@@ -359,21 +360,31 @@ class _Naive:
 
     def patched(self, patched_edges, base, A, metric_fn) -> torch.Tensor:
         """The metric with ``patched_edges`` (Edge) reading ``A_src``: one hooked forward."""
+        return self.patched_sets([patched_edges], base, A, metric_fn)[0]
+
+    def patched_sets(self, edge_sets, base, A, metric_fn) -> torch.Tensor:
+        """:meth:`patched` of each edge set, ``(len(edge_sets), batch)``, in one hooked forward of the base prompts
+        repeated once per set: the rows of set ``j`` (``j * batch`` onwards) are patched by that set's edges only,
+        and every row of the model's forward is computed on its own."""
+        B = base.shape[0]
         by: dict = {}
-        for e in patched_edges:
-            by.setdefault(e.dst_input, []).append(e)
+        for j, patched_edges in enumerate(edge_sets):
+            for e in patched_edges:
+                by.setdefault(e.dst_input, []).append((slice(j * B, (j + 1) * B), e))
+        A = {k: v.repeat(len(edge_sets), *[1] * (v.dim() - 1)) for k, v in A.items()}
 
         def read(dst, x, cur):
             if dst not in by:
                 return x
             x = x.clone()
-            for e in by[dst]:
+            for rows, e in by[dst]:
                 at = slice(None) if e.pos is None else slice(e.pos, e.pos + 1)
-                x[:, at] = x[:, at] - (cur[e.src] - A[e.src])[:, at]
+                x[rows, at] = x[rows, at] - (cur[e.src] - A[e.src])[rows, at]
             return x
 
         with torch.no_grad():
-            return metric_fn(self.run(base, read)[0])
+            logits = self.run(base.repeat(len(edge_sets), 1), read)[0]
+        return torch.stack([metric_fn(part) for part in logits.split(B)])
 
     def first_order(self, graph, base, A, metric_fn) -> torch.Tensor:
         """``d metric / d c_e`` at ``c = 0`` for every edge, ``(batch, E)``."""
@@ -436,9 +447,7 @@ def _check(model, ref_model, tol, seed, n_exact=None):
                 None if (mode, ablation) == ("noise", "zero") else corr
             )  # zeros: no corrupted prompts read
             ours = patch_edges(model, masks, clean, other, metric=metric, mode=mode, ablation=ablation)
-            naive = torch.stack(
-                [ref.patched([g[i] for i in m.nonzero().flatten()], base, A, fn) for m in masks]
-            )
+            naive = ref.patched_sets([[g[i] for i in m.nonzero().flatten()] for m in masks], base, A, fn)
             assert float((naive - naive[0]).abs().max()) > 1e-3  # the sets move the metric differently
             err[f"patch_edges {mode} {ablation}"] = _rel(ours, naive)
     for mode, ablation in (("noise", "resample"), ("denoise", "mean")):
@@ -448,7 +457,7 @@ def _check(model, ref_model, tol, seed, n_exact=None):
             model, clean, corr, metric=metric, method="exact", mode=mode, ablation=ablation, quiet=True
         )
         idx = list(range(E)) if n_exact is None else torch.randperm(E, generator=gen)[:n_exact].tolist()
-        naive = torch.stack([ref.patched([g[i]], base, A, fn) - m0 for i in idx], 1)
+        naive = (ref.patched_sets([[g[i]] for i in idx], base, A, fn) - m0).T
         err[f"exact {mode} {ablation}"] = _rel(sc.values[:, idx], naive)
         sc = edge_attribution(model, clean, corr, metric=metric, method="eap", mode=mode, ablation=ablation)
         err[f"eap {mode} {ablation}"] = _rel(sc.values, ref.first_order(g, base, A, fn))
@@ -481,12 +490,12 @@ def _check(model, ref_model, tol, seed, n_exact=None):
     err["eap per position"] = _rel(sc.values, ref.first_order(gp, base, A, fn2))
     masks = torch.rand(3, len(gp), generator=gen) < 0.3
     ours = patch_edges(model, masks, c2, r2, metric=met2, graph=gp)
-    naive = torch.stack([ref.patched([gp[i] for i in m.nonzero().flatten()], base, A, fn2) for m in masks])
+    naive = ref.patched_sets([[gp[i] for i in m.nonzero().flatten()] for m in masks], base, A, fn2)
     err["patch_edges per position"] = _rel(ours, naive)
     sc = edge_attribution(model, c2, r2, metric=met2, method="exact", per_position=True, quiet=True)
     idx = torch.randperm(len(gp), generator=gen)[:20].tolist()
     m0 = ref.patched([], base, A, fn2)
-    naive = torch.stack([ref.patched([gp[i]], base, A, fn2) - m0 for i in idx], 1)
+    naive = (ref.patched_sets([[gp[i]] for i in idx], base, A, fn2) - m0).T
     err["exact per position"] = _rel(sc.values[:, idx], naive)
     return err
 

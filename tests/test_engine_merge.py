@@ -2,6 +2,8 @@
 the rows of all of them; attention per batch), its cells entering at a position finished together, its chunks of
 balanced sizes and its head-major attention, each against the naive loop (one hooked forward per cell)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -54,19 +56,39 @@ def merged_calls(monkeypatch):
     return calls
 
 
-def _exact_and_naive(model, site, clean, corr, metric, **kw):
-    a = activation_patching(model, site, clean, corr, metric=metric, method="exact", quiet=True, **kw)
-    b = activation_patching(model, site, clean, corr, metric=metric, method="naive", quiet=True, **kw)
-    return a.values, b.values
+@functools.cache
+def _naive(arch, site, metric_position=None, per_position=True, positions=None):
+    """The naive loop's values (one hooked forward per cell) on ``_setup(arch)`` (a model of its own), with the
+    metric at ``metric_position`` (a tuple, one position per example; None: the last). The loop reads neither
+    the exact engine's batch, memory bound nor chunking, so each setting of those compares with one computation."""
+    model, clean, corr, metric = _setup(arch)
+    if metric_position is not None:
+        metric = LogitDiff(metric.answer, metric.wrong, position=torch.tensor(metric_position))
+    kw = dict(per_position=per_position) if positions is None else dict(positions=list(positions))
+    return activation_patching(
+        model, site, clean, corr, metric=metric, method="naive", quiet=True, **kw
+    ).values
+
+
+def _exact_and_naive(arch, site, metric_position=None, per_position=True, positions=None, **limits):
+    """The exact engine's values on ``_setup(arch)`` under ``limits`` (max_batch, max_memory), and the naive
+    loop's (:func:`_naive`)."""
+    model, clean, corr, metric = _setup(arch)
+    if metric_position is not None:
+        metric = LogitDiff(metric.answer, metric.wrong, position=torch.tensor(metric_position))
+    kw = dict(per_position=per_position) if positions is None else dict(positions=list(positions))
+    a = activation_patching(
+        model, site, clean, corr, metric=metric, method="exact", quiet=True, **kw, **limits
+    )
+    return a.values, _naive(arch, site, metric_position, per_position, positions)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("max_batch", [2, None])
 def test_batches_of_several_positions_run_together_equal_the_naive_loop(arch, max_batch, merged_calls):
-    model, clean, corr, metric = _setup(arch)
     sites = SITES if arch == "gpt2" else ["resid_pre", "attn_out", "z", "k", "pattern"]
     for site in sites:
-        ex, nv = _exact_and_naive(model, site, clean, corr, metric, max_batch=max_batch)
+        ex, nv = _exact_and_naive(arch, site, max_batch=max_batch)
         err = (ex - nv).abs().max().item()
         assert err <= 1e-9, f"{arch} {site} max_batch={max_batch}: exact and naive differ by {err}"
     # batches of other positions shared one block call: parts of more than one batch met in a chunk
@@ -78,11 +100,9 @@ def test_small_chunks_and_per_example_metric_positions(chunk_rows, monkeypatch, 
     """Chunks of one cell (``CHUNK_ROWS`` below a cell's rows), of a few cells, and parts of several batches per
     chunk; metric positions per example (every position is computed)."""
     monkeypatch.setattr(ExactEngine, "CHUNK_ROWS", chunk_rows)
-    model, clean, corr, _ = _setup("gqa_rotary")
-    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([4, 5]), position=torch.tensor([6, 3]))
     for site in ["resid_pre", "attn_out", "z", "k", "pattern"]:
-        for kw in (dict(max_batch=3), dict(per_position=False, max_batch=2), dict(positions=[0, 2, 5])):
-            ex, nv = _exact_and_naive(model, site, clean, corr, metric, **kw)
+        for kw in (dict(max_batch=3), dict(per_position=False, max_batch=2), dict(positions=(0, 2, 5))):
+            ex, nv = _exact_and_naive("gqa_rotary", site, metric_position=(6, 3), **kw)
             err = (ex - nv).abs().max().item()
             assert err <= 1e-9, f"{site} {kw} CHUNK_ROWS={chunk_rows}: exact and naive differ by {err}"
     if chunk_rows > 1:
@@ -92,9 +112,8 @@ def test_small_chunks_and_per_example_metric_positions(chunk_rows, monkeypatch, 
 def test_batches_under_a_memory_bound_equal_the_naive_loop():
     """``max_memory`` lowers the batch (and so the rows the batches run together in); the values stay the naive
     loop's."""
-    model, clean, corr, metric = _setup("gpt2")
     for site in ["resid_pre", "attn_out"]:
-        ex, nv = _exact_and_naive(model, site, clean, corr, metric, max_memory=40_000)
+        ex, nv = _exact_and_naive("gpt2", site, max_memory=40_000)
         assert (ex - nv).abs().max().item() <= 1e-9
 
 

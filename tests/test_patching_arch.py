@@ -1,6 +1,9 @@
 """Exact patching and AtP on every architecture pypattern's Transformer represents (GPT-2, GPT-NeoX, Llama,
-Qwen2, Mistral-like option sets), each against an independent computation written here: one hooked forward per
-cell (for the exact engine) and autograd directional derivatives (for AtP)."""
+Qwen2, Mistral-like option sets), each against an independent computation written here: a hooked forward per
+cell, the cells side by side in the rows of one batch (for the exact engine), and autograd directional derivatives
+(for AtP)."""
+
+import functools
 
 import pytest
 import torch
@@ -194,9 +197,11 @@ def replace(x, src, site, head, pos):
 
 
 def reference_grid(model, site, clean, corr, ans, wrong, per_position):
-    """Denoising: one forward of the corrupted prompts per cell with the clean activation written into the hook
-    point; the logit difference at the last position. ``(batch, layer[, head][, pos])``."""
-    L, T = model.cfg.n_layers, clean.shape[1]
+    """Denoising: for each cell, a forward of the corrupted prompts with the clean activation written into the hook
+    point; the logit difference at the last position. ``(batch, layer[, head][, pos])``. The cells of a layer run
+    in one forward of the corrupted prompts repeated once per cell, each cell's patch written into its own rows
+    only (every row of the model's forward is computed on its own)."""
+    L, (B, T) = model.cfg.n_layers, clean.shape
     names = [HOOKS[site].format(layer) for layer in range(L)]
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=names)
@@ -206,15 +211,32 @@ def reference_grid(model, site, clean, corr, ans, wrong, per_position):
     out = torch.empty(
         clean.shape[0], L, *([n_heads] if site in HEADS else []), len(positions), dtype=torch.float64
     )
+    cells = [
+        (h, i, p) for h in (range(n_heads) if site in HEADS else [None]) for i, p in enumerate(positions)
+    ]
     for layer, name in enumerate(names):
-        for h in range(n_heads) if site in HEADS else [None]:
-            for i, p in enumerate(positions):
-                fn = lambda x, hook, s=cache[name], h=h, p=p: replace(x, s, site, h, p)
-                with torch.no_grad():
-                    logits = model.run_with_hooks(corr, fwd_hooks=[(name, fn)])[:, -1]
-                ld = logits.gather(-1, ans[:, None]) - logits.gather(-1, wrong[:, None])
-                out[(slice(None), layer) + ((h,) if h is not None else ()) + (i,)] = ld[:, 0]
+
+        def fn(x, hook, s=cache[name]):
+            return torch.cat([replace(part, s, site, h, p) for part, (h, _, p) in zip(x.split(B), cells)])
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(corr.repeat(len(cells), 1), fwd_hooks=[(name, fn)])[:, -1]
+        ld = logits.gather(-1, ans.repeat(len(cells))[:, None]) - logits.gather(
+            -1, wrong.repeat(len(cells))[:, None]
+        )
+        for (h, i, _), part in zip(cells, ld[:, 0].split(B)):
+            out[(slice(None), layer) + ((h,) if h is not None else ()) + (i,)] = part
     return out if per_position else out[..., 0]
+
+
+@functools.cache
+def reference_grids(arch, per_position):
+    """``{site: reference_grid(...)}`` of ``build(arch)`` (a model of its own, never patched by the engine): the
+    reference does not read the engine's ``CHUNK_ROWS``, so each chunking's test compares with the same grids."""
+    model, clean, corr, ans, wrong = build(arch)
+    return {
+        site: reference_grid(model, site, clean, corr, ans, wrong, per_position) for site in sites_of(model)
+    }
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -224,11 +246,13 @@ def test_every_site_equals_one_forward_per_cell(arch, per_position, chunk_rows, 
     if chunk_rows is not None:  # blocks over one cell at a time, or uneven chunks of cells
         monkeypatch.setattr(ExactEngine, "CHUNK_ROWS", chunk_rows)
     model, clean, corr, ans, wrong = build(arch)
+    refs = reference_grids(arch, per_position)
+    assert list(refs) == sites_of(model)
     for site in sites_of(model):
         res = activation_patching(
             model, site, clean, corr, metric=LogitDiff(ans, wrong), per_position=per_position, method="exact"
         )
-        ref = reference_grid(model, site, clean, corr, ans, wrong, per_position)
+        ref = refs[site]
         assert res.values.shape == ref.shape, (site, res.values.shape, ref.shape)
         err = (res.values - ref).abs().max().item()
         assert err <= 1e-9, f"{arch} {site} per_position={per_position}: engine and reference differ by {err}"
@@ -262,23 +286,37 @@ def test_naive_method_equals_reference(arch):
         torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-12)
 
 
+def window_cases(ans, wrong):
+    """``[(sites, activation_patching keywords)]``: windows, noising on some layers, metric positions."""
+    return [
+        (["resid_pre", "k", "pattern"], dict(metric=KL(), window=2)),
+        (["q", "v", "attn_out"], dict(metric=LogProb(ans), direction="noising", layers=[1, 2])),
+        (["z", "k", "resid_pre"], dict(metric=LogitDiff(ans, wrong, position=torch.tensor([5, 2, 4])))),
+        (["q", "v", "mlp_out"], dict(metric=LogitDiff(ans, wrong, position=3), per_position=False)),
+    ]
+
+
+@functools.cache
+def naive_window_values(arch):
+    """The naive loop's values of every case of :func:`window_cases` on ``build(arch, n_layers=3)`` (a model of its
+    own): the loop does not read the engine's ``CHUNK_ROWS``, so each chunking's test compares with the same."""
+    model, clean, corr, ans, wrong = build(arch, n_layers=3)
+    return [
+        [activation_patching(model, site, clean, corr, method="naive", **kw).values for site in sites]
+        for sites, kw in window_cases(ans, wrong)
+    ]
+
+
 @pytest.mark.parametrize("arch", ["neox", "mistral_window", "mqa_gptj"])
 @pytest.mark.parametrize("chunk_rows", [None, 1, 40])
 def test_windows_noising_and_metric_positions(arch, chunk_rows, monkeypatch):
     if chunk_rows is not None:
         monkeypatch.setattr(ExactEngine, "CHUNK_ROWS", chunk_rows)
     model, clean, corr, ans, wrong = build(arch, n_layers=3)
-    cases = [
-        (["resid_pre", "k", "pattern"], dict(metric=KL(), window=2)),
-        (["q", "v", "attn_out"], dict(metric=LogProb(ans), direction="noising", layers=[1, 2])),
-        (["z", "k", "resid_pre"], dict(metric=LogitDiff(ans, wrong, position=torch.tensor([5, 2, 4])))),
-        (["q", "v", "mlp_out"], dict(metric=LogitDiff(ans, wrong, position=3), per_position=False)),
-    ]
-    for sites, kw in cases:
-        for site in sites:
+    for (sites, kw), naive in zip(window_cases(ans, wrong), naive_window_values(arch), strict=True):
+        for site, b in zip(sites, naive, strict=True):
             a = activation_patching(model, site, clean, corr, method="exact", **kw)
-            b = activation_patching(model, site, clean, corr, method="naive", **kw)
-            err = (a.values - b.values).abs().max().item()
+            err = (a.values - b).abs().max().item()
             assert err <= 1e-9, f"{arch} {site} {kw}: {err}"
 
 
