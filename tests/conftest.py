@@ -3,6 +3,7 @@
 # "0 active drivers" and tl.rand/tl.randn break), so it is decided here, before any test module imports triton.
 # Importing torch first is fine: it does not import triton.
 import os
+import signal
 
 import torch
 
@@ -10,6 +11,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# A shell starts a background job (``cmd &`` without job control, ``nohup``) with SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler. The tests of Ctrl-C (a run stopped mid-step writes its state and resumes)
+# send SIGINT to their own process: give it Python's handler, as in a terminal, however the suite was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
