@@ -67,8 +67,10 @@ def _role_scores_by_loop(model, clean, n, k):
 
 @pytest.mark.parametrize("seed", [0, 3, 4])
 def test_the_trained_model_has_the_previous_token_to_induction_head_circuit(seed):
-    """Trained on copies at least 10 positions apart (``InductionTask()``), the models of seeds 3 and 4 form
-    neither role; seed 0's does."""
+    """Trained on the circuit experiment's task (copies at any distance from ``TRAIN_MIN_DISTANCE`` on), the
+    models of seeds 0, 3 and 4 each form a previous-token head and an induction head, and the exact scores recover
+    the key-composition circuit (within the top 5% of edges, faithfulness >= 0.9). Seeds 3 and 4 are those whose
+    models trained on ``InductionTask()``'s copies at least 10 positions apart form neither role."""
     n, k = 10, 6
     r = experiments.run_induction_circuit(
         seed=seed, num_prompts=16, n=n, k=k, methods=("exact",), fractions=(0.0, 1.0), quiet=True
