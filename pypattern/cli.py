@@ -1074,9 +1074,11 @@ def _quiet_transformers(quiet: bool):
 def _hold_sigint(program: bool):
     """Until :func:`_release_sigint`: SIGINT and SIGTERM do nothing (a second Ctrl-C while the first is handled,
     or one as the program exits, would end it with a traceback, or killed by SIGINT, status -2, instead of with
-    the command's status). ``program``: the process ends after this (``pypattern`` run as a program): SIGINT is
-    then ignored by the OS too, since the interpreter's shutdown puts the default action (kill) back in place of
-    a Python handler while torch and the rest unload. The previous handlers, or None outside the main thread."""
+    the command's status). ``program``: the process ends after this (``pypattern`` run as a program): SIGINT and
+    SIGTERM are then ignored by the OS too, since the interpreter's shutdown puts the default action (kill) back in
+    place of a Python handler while torch and the rest unload (a second or longer), and a signal then would end a
+    finished command as killed (status -2 or -15) instead of with its own status. The previous handlers, or None
+    outside the main thread."""
     import signal
     import threading
 
@@ -1088,9 +1090,10 @@ def _hold_sigint(program: bool):
             held[sig] = signal.signal(sig, _ignore_signal)
         except (ValueError, OSError):  # pragma: no cover - a platform without it
             pass
-    if program and signal.SIGINT in held:
-        # (a SIGINT already pending ran the Python handler above at the last bytecode boundary)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if program:
+        # (a signal already pending ran the Python handler above at the last bytecode boundary)
+        for sig in held:
+            signal.signal(sig, signal.SIG_IGN)
     return held
 
 
@@ -1197,7 +1200,7 @@ def _main(argv: list[str] | None, program: bool) -> int:
         raise SystemExit(143 if terminated else 130) from None
     finally:
         warnings.formatwarning = formatwarning
-        # the program, which ends now: a Ctrl-C as it exits is not a crash (its work is done)
+        # the program, which ends now: a Ctrl-C or SIGTERM as it exits is not a crash (its work is done)
         if program:
             if held is None:
                 _hold_sigint(program=True)

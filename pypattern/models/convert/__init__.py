@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import os
 import threading
 from typing import Any
@@ -709,6 +710,48 @@ def _no_unpickling(path: str, blocked: list):
                 torch.serialization.load = _patch_state["serialization_load"]
 
 
+class _HeldLoadReport(logging.Filter):
+    """A filter keeping transformers' LOAD REPORT records (its table of missing, unexpected and mismatched tensors,
+    logged while a checkpoint loads) that this thread logs in ``held`` instead of letting them through (another
+    thread's load logs its own)."""
+
+    def __init__(self, held: list) -> None:
+        super().__init__()
+        self.held = held
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread == self.thread and "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+
+#: the logger transformers' from_pretrained logs its LOAD REPORT to
+_LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+@contextlib.contextmanager
+def _holding_load_report(held: list):
+    """Within the block, transformers' LOAD REPORT is appended to ``held``, not logged: :func:`from_pretrained`
+    refuses a checkpoint with missing, unexpected or mismatched tensors with one error naming them, and logs the
+    report (:func:`_log_held`) only where its own error does not."""
+    logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+    f = _HeldLoadReport(held)
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
+def _log_held(held: list) -> None:
+    """Log the records :func:`_holding_load_report` held, as transformers would have."""
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+    held.clear()
+
+
 def _directory_arg(path) -> str:
     """``path`` (``from_pretrained``'s argument) as a str; anything but a str or an ``os.PathLike`` of one (None, a
     number, bytes) is a TypeError naming ``path`` and what was given."""
@@ -837,16 +880,19 @@ def from_pretrained(
         kwargs["attn_implementation"] = attn_implementation
     _check_index(path)
     blocked: list = []  # the files transformers asked torch.load for
+    report: list = []  # transformers' LOAD REPORT, logged only where the errors below do not name its tensors
     try:
-        with _no_unpickling(path, blocked):
+        with _no_unpickling(path, blocked), _holding_load_report(report):
             hf, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:  # a damaged or truncated weights file: transformers' or safetensors' own error
         if blocked:  # the refusal, possibly wrapped in transformers' own error
             raise _unpickling_refused(path, blocked[0]) from None
+        if "ignore_mismatched_sizes" in str(e) and not isinstance(e, UnsupportedModelError | ImportError):
+            # transformers' refusal of weights of other shapes, which the error names
+            raise _shape_mismatch_error(path, cls, transformers) from None
+        _log_held(report)
         if isinstance(e, UnsupportedModelError | ImportError):
             raise
-        if "ignore_mismatched_sizes" in str(e):  # transformers' refusal of weights of other shapes
-            raise _shape_mismatch_error(path, cls, transformers) from None
         if attn_implementation is not None and "attn_implementation" in str(e):
             raise ValueError(
                 f"attn_implementation={attn_implementation!r} is not valid here ({type(e).__name__}: {e}); give "
@@ -875,5 +921,6 @@ def from_pretrained(
             f"{' ...' if len(missing) > 5 else ''}); transformers would fill them with random values. Give a "
             "complete save_pretrained directory"
         )
+    _log_held(report)
     hf.eval()
     return from_hf(hf, dtype=dtype)
