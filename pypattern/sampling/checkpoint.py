@@ -506,6 +506,22 @@ def stored_calibration(path: str) -> Mapping | None:
     return calibration if isinstance(calibration, Mapping) else None
 
 
+def given_step_of(path: str):
+    """The step size a checkpoint ``path`` records for a run at a given step (its fingerprint's ``step_size``,
+    with no calibration in its header), read from the header alone; None when the file holds a calibration, holds
+    no such step, or is not a checkpoint this pypattern reads (the run's own load then names what is wrong)."""
+    try:
+        with io._Archive(os.fspath(path), CHECKPOINT_KIND) as archive:
+            meta = archive.meta.get("checkpoint")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, Mapping) or meta.get("version") != VERSION or meta.get("calibration") is not None:
+        return None
+    fp = meta.get("fingerprint")
+    step = fp.get("step_size") if isinstance(fp, Mapping) else None
+    return step if isinstance(step, int | float) and not isinstance(step, bool) else None
+
+
 def run_fingerprint(
     plan: RunPlan, model: nn.Module, loader: Iterable, w_star: Mapping[str, torch.Tensor], data_cache: dict
 ) -> dict:

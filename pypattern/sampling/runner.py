@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import io
 from .._checks import is_count, refuse_inference_parameters
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
@@ -50,7 +51,7 @@ from .auto import (
     with_auto_report,
 )
 from .batched import UnstackableBatches, VmapUnsupported, run_batched
-from .checkpoint import State, load_checkpoint_state, run_fingerprint, stored_calibration
+from .checkpoint import State, given_step_of, load_checkpoint_state, run_fingerprint, stored_calibration
 from .context import LossContractError, RunContext, Stopped
 from .data import (
     ChainData,
@@ -560,6 +561,17 @@ def sample(
         # chain-steps (a bad value would otherwise surface after them, or as the calibration's own failure)
         _check_settings_before_calibration(loader, locals())
         stored = None if checkpoint is None else stored_calibration(checkpoint)  # None without a file
+        given = None if checkpoint is None or stored is not None else given_step_of(checkpoint)
+        if given is not None:  # refused before the calibration's work: its run sampled at a given step
+            raise io.FingerprintMismatch(
+                f"checkpoint {os.fspath(checkpoint)!r} was written by a run at a given step, step_size={given!r}; "
+                "this call calibrates its step (step_size='auto', or none given): resume with "
+                f"step_size={given!r}, or use another checkpoint path, or delete this one to start afresh.",
+                path=os.fspath(checkpoint),
+                item="step_size",
+                stored=given,
+                current="auto",
+            )
         step_size, auto_step, calibration = calibrate_or_resume(
             model, loader, auto_arguments(locals()), stored, resolve_step_size
         )
