@@ -240,7 +240,10 @@ def test_mean_ablation_reference_dict_padded_past_the_learned_positions():
     with pytest.raises(ValueError, match=r"MeanAblation.reference_tokens has 10 positions; the model has 8"):
         activation_patching(m, "resid_pre", clean, corruption=MeanAblation(reference_tokens=ref), **kw)
     left, left_mask, _ = padded([8, 3, 7, 2], T, "left", seed=2)
-    with pytest.raises(ValueError, match=r"MeanAblation.attention_mask is left-padded \(row 0"):
+    # named as given: the tokenizer output's entry
+    with pytest.raises(
+        ValueError, match=r"MeanAblation.reference_tokens\['attention_mask'\] is left-padded \(row 0"
+    ):
         MeanAblation(reference_tokens={"input_ids": left, "attention_mask": left_mask})
 
 

@@ -278,8 +278,7 @@ class MeanAblation(Corruption):
     others, so the result depends on the pad token. A tokenizer's output (a mapping with ``input_ids`` and
     ``attention_mask``, right-padded) may be given as ``reference_tokens``: its mask is then the mean's. Other
     remedy: give ``reference_tokens`` of prompts real at every position (any number of them, of the prompts'
-    length); with reference prompts shorter than the clean ones, the clean prompts' real positions past every
-    reference prompt get 0. Reference prompts given with their mask may be padded past the model's learned positions when
+    length: reference prompts of another length are refused). Reference prompts given with their mask may be padded past the model's learned positions when
     each row's real tokens fit them (they then run under that mask, each row's real tokens at positions
     ``0 .. n-1``). The mask is read by :func:`~pypattern.patching.activation_patching`,
     :func:`~pypattern.patching.attribution_patching` and ``shortlist_and_confirm``.
@@ -299,9 +298,9 @@ class MeanAblation(Corruption):
                 f"no prompt is undefined), got {getattr(r, 'shape', r)!r}"
             )
         if self.attention_mask is not None:
-            self.attention_mask = mean_mask(
-                self.attention_mask, "MeanAblation.attention_mask", None if r is None else tuple(r.shape)
-            )
+            # named as the user gave it: the argument, or the tokenizer output's entry
+            name = getattr(self, "_mask_name", "MeanAblation.attention_mask")
+            self.attention_mask = mean_mask(self.attention_mask, name, None if r is None else tuple(r.shape))
 
     def _from_mapping(self, enc: Mapping) -> torch.Tensor:
         """A tokenizer's output given as ``reference_tokens``: its ``input_ids`` are the reference prompts and its
@@ -319,9 +318,8 @@ class MeanAblation(Corruption):
             ids if isinstance(ids, torch.Tensor) else _as_tensor(ids, f"{name}['input_ids']")
         )
         if am is not None:
-            self.attention_mask = (
-                am if isinstance(am, torch.Tensor) else _as_tensor(am, f"{name}['attention_mask']")
-            )
+            self._mask_name = f"{name}['attention_mask']"
+            self.attention_mask = am if isinstance(am, torch.Tensor) else _as_tensor(am, self._mask_name)
         return self.reference_tokens
 
 
