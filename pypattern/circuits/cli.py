@@ -353,20 +353,14 @@ def load_prompts(
                 "metric is then the answer's log-probability)"
             )
     if n_ctx is not None and clean.shape[1] > n_ctx:
-        from ..experiments.user_model import has_padding
+        from ..experiments.user_model import check_token_limits, has_padding
 
         if not has_padding(mask):
             raise ValueError(
                 f"tokens={path!r}: prompts have {clean.shape[1]} tokens; the model's n_ctx is {n_ctx}"
             )
         # under a mask with padding the learned positions bound each row's real tokens (read at 0 .. n-1)
-        real_len = mask.bool().sum(1)
-        if bool((real_len > n_ctx).any()):
-            row = int((real_len > n_ctx).nonzero()[0, 0])
-            raise ValueError(
-                f"tokens={path!r}: row {row} has {int(real_len[row])} real tokens under its 'attention_mask'; the "
-                f"model's n_ctx is {n_ctx}"
-            )
+        check_token_limits(clean, path, n_ctx=n_ctx, argument="tokens", attention_mask=mask)
     if rotary_limit is not None and clean.shape[1] > rotary_limit:
         from ..experiments.user_model import length_check_error
 

@@ -495,27 +495,28 @@ def stored_calibration(path: str) -> Mapping | None:
     """The step-size calibration recorded in the checkpoint ``path`` (``{"key": ..., "report": ...}``, see
     :func:`pypattern.sampling.auto.calibrate_or_resume`), read from its header alone; None when the file holds none
     or is not a checkpoint this pypattern reads (the run's own load then names what is wrong with it)."""
+    meta = _header(path)
+    calibration = None if meta is None else meta.get("calibration")
+    return calibration if isinstance(calibration, Mapping) else None
+
+
+def _header(path: str) -> Mapping | None:
+    """The checkpoint header of ``path``, read without its arrays; None when the file is missing, unreadable or a
+    checkpoint of another format version."""
     try:
         with io._Archive(os.fspath(path), CHECKPOINT_KIND) as archive:
             meta = archive.meta.get("checkpoint")
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, Mapping) or meta.get("version") != VERSION:
-        return None
-    calibration = meta.get("calibration")
-    return calibration if isinstance(calibration, Mapping) else None
+    return meta if isinstance(meta, Mapping) and meta.get("version") == VERSION else None
 
 
 def given_step_of(path: str):
     """The step size a checkpoint ``path`` records for a run at a given step (its fingerprint's ``step_size``,
     with no calibration in its header), read from the header alone; None when the file holds a calibration, holds
     no such step, or is not a checkpoint this pypattern reads (the run's own load then names what is wrong)."""
-    try:
-        with io._Archive(os.fspath(path), CHECKPOINT_KIND) as archive:
-            meta = archive.meta.get("checkpoint")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, Mapping) or meta.get("version") != VERSION or meta.get("calibration") is not None:
+    meta = _header(path)
+    if meta is None or meta.get("calibration") is not None:
         return None
     fp = meta.get("fingerprint")
     step = fp.get("step_size") if isinstance(fp, Mapping) else None
