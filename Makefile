@@ -19,8 +19,12 @@ setup: $(STAMP_BUILD)
 $(STAMP_DEPS): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=70" wheel
-	# torch==2.13.0 is the CPU build on local disk; any other version downloads a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark pytest-xdist "hypothesis>=6.170.17" ninja ruff transformers pandas
+	# torch==2.13.0 is the CPU build on local disk; any other version downloads a multi-GB CUDA build. The other
+	# tools are pinned to the releases the suite passes with, so that a new release of one (a formatter's style, a
+	# model library's internals) cannot turn the tests red on its own; raise a pin together with a passing run.
+	$(PIP) install -q torch==2.13.0 numpy==2.4.6 scipy==1.17.1 tqdm==4.70.1 matplotlib==3.11.2 triton==3.7.1 \
+		pytest==9.2.0 pytest-benchmark==5.3.1 pytest-xdist==3.8.0 hypothesis==6.170.27 ninja==1.13.2 ruff==0.17.6 \
+		transformers==5.25.0 pandas==3.1.1
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(CSRC)
