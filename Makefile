@@ -40,8 +40,10 @@ lint: $(STAMP_DEPS)
 # The tests run in TEST_WORKERS processes (pytest-xdist; a test file stays in one process), one thread each.
 TEST_WORKERS ?= 2
 
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: the tests start Python processes that import the
+# library, and each would compile it again.
 test: setup lint
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	env -u PYTHONDONTWRITEBYTECODE OMP_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: setup
 	$(VPY) -m pypattern.cli demo

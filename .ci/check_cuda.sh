@@ -20,7 +20,8 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch; assert 
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip "setuptools>=70" wheel
-  "$venv/bin/pip" install -q torch==2.14.1 numpy ninja
+  # --no-compile: nothing here imports most of those modules, so compiling them all to bytecode is wasted work
+  "$venv/bin/pip" install -q --no-compile torch==2.14.1 numpy ninja
 fi
 "$venv/bin/python" -c "import torch; print('check-cuda: torch', torch.__version__, 'cuda', torch.version.cuda)"
 src=$(mktemp -d)
