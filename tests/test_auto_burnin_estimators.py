@@ -29,6 +29,9 @@ pytestmark = [
 D, N = 4, 32
 NBETA, GAMMA = 10.0, 1.0  # a weak localization: the flattest direction relaxes slowly
 OPTIONS = {"calibration_steps": 100}
+# the scan from 0.025 (0.1 diverges and 0.05 changes when halved on this regression): the same chosen step 6.25e-3
+# and burn-in (960) as OPTIONS for bif, refined_llc and estimate_llc, with 5-6 trials instead of 20-21
+SHORT_SCAN = {**OPTIONS, "max_step_size": 0.025}
 
 
 def _linear(seed=1):
@@ -102,15 +105,17 @@ def test_susceptibilities_burn_in_by_the_relaxation_rule_and_chi_is_its_closed_f
 def test_bif_burns_in_by_the_rule_and_a_given_burn_in_is_kept():
     model, x, y = _linear()
     run = dict(num_chains=4, num_draws=50, nbeta=NBETA, localization=GAMMA, seed=0, quiet=True)
-    res = pp.bif(model, [(x, y)], (x[:3], y[:3]), auto_step_options=OPTIONS, **run)
+    res = pp.bif(model, [(x, y)], (x[:3], y[:3]), auto_step_options=SHORT_SCAN, **run)
     auto = res.settings["auto_step"]
     assert (
         res.settings["num_burnin_steps"] == auto["burnin"]["num_burnin_steps"] == _expected_burnin(auto, 50)
     )
     assert res.settings["num_burnin_steps"] > 50
-    ruled = pp.bif(model, [(x, y)], (x[:3], y[:3]), num_burnin_steps="auto", auto_step_options=OPTIONS, **run)
+    ruled = pp.bif(
+        model, [(x, y)], (x[:3], y[:3]), num_burnin_steps="auto", auto_step_options=SHORT_SCAN, **run
+    )
     np.testing.assert_array_equal(ruled.bif, res.bif)  # "auto" is the default rule
-    kept = pp.bif(model, [(x, y)], (x[:3], y[:3]), num_burnin_steps=7, auto_step_options=OPTIONS, **run)
+    kept = pp.bif(model, [(x, y)], (x[:3], y[:3]), num_burnin_steps=7, auto_step_options=SHORT_SCAN, **run)
     assert kept.settings["num_burnin_steps"] == 7 and kept.settings["auto_step"]["burnin"] == {}
     with pytest.raises(ValueError, match=r"num_burnin_steps='long' is not valid"):
         pp.bif(model, [(x, y)], (x[:3], y[:3]), num_burnin_steps="long", **run)
@@ -144,7 +149,7 @@ def test_susceptibilities_given_burn_in_is_kept_and_a_resumed_call_chooses_the_s
 def test_refined_llc_burns_in_by_the_rule_for_each_data_set():
     model, x, y = _linear()
     kw = dict(num_chains=2, num_draws=30, nbeta=NBETA, localization=GAMMA, seed=0, quiet=True)
-    kw["auto_step_options"] = OPTIONS
+    kw["auto_step_options"] = SHORT_SCAN
     data = [(x[:16], y[:16])]
     res = pp.refined_llc(model, [(x, y)], components=["weight"], data=data, include_full=False, **kw)
     for label in ("train", "data"):
@@ -166,9 +171,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
         kw = dict(num_chains=2, num_draws=30, nbeta=NBETA, localization=GAMMA, seed=0, quiet=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ruled = distributed.estimate_llc(model, [(x, y)], auto_step_options=OPTIONS, **kw)
+            ruled = distributed.estimate_llc(model, [(x, y)], auto_step_options=SHORT_SCAN, **kw)
             kept = distributed.estimate_llc(
-                model, [(x, y)], num_burnin_steps=6, auto_step_options=OPTIONS, **kw
+                model, [(x, y)], num_burnin_steps=6, auto_step_options=SHORT_SCAN, **kw
             )
         out = dict(
             auto=ruled.sample.config["auto_step"],
@@ -190,7 +195,7 @@ def test_distributed_estimate_llc_burns_in_by_the_rule_on_every_rank():
     kw = dict(num_chains=2, num_draws=30, nbeta=NBETA, localization=GAMMA, seed=0, quiet=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        one = pp.estimate_llc(model, [(x, y)], auto_step_options=OPTIONS, **kw)
+        one = pp.estimate_llc(model, [(x, y)], auto_step_options=SHORT_SCAN, **kw)
     for out in outs:
         want = _expected_burnin(out["auto"], 30)
         assert out["burnin"] == out["auto"]["burnin"]["num_burnin_steps"] == want > 30

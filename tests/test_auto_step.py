@@ -549,15 +549,18 @@ def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
     the uninterrupted run, report included. A record whose calibration settings differ is not used."""
     import pypattern.sampling.runner as runner
     from pypattern import sample
-    from pypattern.sampling.auto import calibrate_or_resume
+    from pypattern.sampling.auto import AutoStepReport, calibrate_or_resume
     from pypattern.sampling.checkpoint import stored_calibration
 
     class Stop(Exception):
         pass
 
     model, loader = _regular()
+    # trials of 32 steps: 14 of them, 5 runaway (NaN estimates in the report) and drifting ones among them
     kw = dict(nbeta=1000.0, localization=1.0, num_chains=2, num_draws=12, seed=3, quiet=True)
+    kw["auto_step_options"] = {"calibration_steps": 32}
     whole = sample(model, loader, step_size="auto", **kw)
+    assert any(math.isnan(t["llc"]) for t in whole.config["auto_step"]["trials"])
     calls = _count_calibrations(monkeypatch, runner)
     path = str(tmp_path / "run.npz")
     seen = []
@@ -582,12 +585,21 @@ def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
     ]
     assert same[0] == same[1]
     assert resumed.config["auto_step"]["seconds"] == record["report"]["seconds"]
-    # a record of other calibration settings (here another seed's) is not taken: it calibrates
-    args = dict(record["key"], seed=4)
-    step, report, fresh = calibrate_or_resume(
-        model, loader, {"seed": 9}, {"key": args, "report": record["report"]}
+    # a record of other calibration settings (here another seed's) is not taken: it calibrates (short trials: the
+    # calibration's cost is not what is checked); the record of the same settings is
+    import pypattern.sampling.auto as auto
+
+    cheap = dict(nbeta=10.0, localization=1.0, calibration_chains=4, calibration_steps=32, max_trial_factor=2)
+    _, _, other = calibrate_or_resume(
+        model,
+        loader,
+        dict(cheap, seed=4),
+        resolve=lambda *a, **k: (0.5, AutoStepReport(chosen=0.5, reason="4")),
     )
-    assert fresh["key"] != args and step == report.chosen
+    calls = _count_calibrations(monkeypatch, auto)
+    assert calibrate_or_resume(model, loader, dict(cheap, seed=4), other)[0] == 0.5 and not calls
+    step, report, fresh = calibrate_or_resume(model, loader, dict(cheap, seed=9), other)
+    assert len(calls) == 1 and fresh["key"] != other["key"] and step == report.chosen != 0.5
 
 
 @pytest.mark.filterwarnings("ignore::pypattern.sampling.diagnostics.NonStationaryWarning")
@@ -601,6 +613,7 @@ def test_a_resumed_susceptibility_call_reuses_its_calibration(tmp_path, monkeypa
     x, y = next(iter(loader))
     probe = (x[:4], y[:4])
     kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0, quiet=True)
+    kw["auto_step_options"] = {"calibration_steps": 32}  # short trials: the calibrations' cost is not checked
     calls = _count_calibrations(monkeypatch, sus)
     first = susceptibilities(model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **kw)
     assert len(calls) == 1 and (tmp_path / sus.CALIBRATION_FILE).exists()

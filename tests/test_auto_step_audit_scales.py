@@ -43,7 +43,16 @@ def _default_call(model, loader, **kw):
 
 def test_report_names_the_default_nbeta_the_trials_ran_at():
     model, loader = _regression()
-    _, rep = resolve_step_size(model, loader, seed=0, calibration_chains=4, run_trial_factor=1)
+    # short trials (16 steps, no longer ones): what is checked is the report's settings, not the chosen step
+    _, rep = resolve_step_size(
+        model,
+        loader,
+        seed=0,
+        calibration_chains=4,
+        calibration_steps=16,
+        max_trial_factor=1,
+        run_trial_factor=1,
+    )
     # no nbeta given: the trials ran at m / ln m, and the report says so instead of None
     assert rep.settings["nbeta"] == pytest.approx(N / math.log(N))
 

@@ -132,14 +132,14 @@ def test_sample_takes_the_rule_by_name_and_a_given_step_keeps_its_default():
     kw = dict(nbeta=100.0, localization=1.0, seed=0, quiet=True, auto_step_options={"calibration_steps": 100})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ruled = sample(model, loader, num_chains=2, num_draws=20, num_burnin_steps="auto", **kw)
+        # 5 draws: the rule (1920 steps at the chosen 3.1e-3) is capped at 40 x 5 = 200 steps
+        ruled = sample(model, loader, num_chains=2, num_draws=5, num_burnin_steps="auto", **kw)
         auto = ruled.config["auto_step"]
-        chosen = min(
-            max(20, _needed(auto)), 40 * 20
-        )  # capped at max_burnin_factor (40) times the draws' steps
+        chosen = min(max(5, _needed(auto)), 40 * 5)  # capped at max_burnin_factor (40) times the draws' steps
+        assert auto["burnin"]["capped"]  # the branch the cap takes
         assert ruled.config["num_burnin_steps"] == auto["burnin"]["num_burnin_steps"] == chosen
         given = sample(
-            model, loader, num_chains=2, num_draws=20, num_burnin_steps=chosen,
+            model, loader, num_chains=2, num_draws=5, num_burnin_steps=chosen,
             step_size=auto["chosen"], nbeta=100.0, localization=1.0, seed=0, quiet=True,
         )  # fmt: skip
     np.testing.assert_array_equal(ruled.loss_trace, given.loss_trace)

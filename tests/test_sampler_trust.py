@@ -120,10 +120,13 @@ def test_auto_step_options_reach_the_calibration():
         num_draws=100,
         quiet=True,
         warn_nonstationary=False,
-        auto_step_options={"calibration_steps": 64, "max_step_size": 0.004},
+        # max_burnin_factor 1: the run's burn-in is the draws' 100 steps, not the 40 x 100 its chosen step's
+        # flattest direction would take (the run's cost; the trials do not depend on it)
+        auto_step_options={"calibration_steps": 64, "max_step_size": 0.004, "max_burnin_factor": 1},
     )
     settings = res.sample.config["auto_step"]["settings"]
     assert settings["calibration_steps"] == 64 and settings["max_step_size"] == 0.004
+    assert settings["max_burnin_factor"] == 1 and res.sample.config["num_burnin_steps"] == 100
     trials = res.sample.config["auto_step"]["trials"]
     assert trials[0]["step_size"] == 0.004 and min(t["num_steps"] for t in trials) >= 32
     with pytest.raises(ValueError, match=r"auto_step_options: unknown setting\(s\) \['calibration_step'\]"):

@@ -240,7 +240,7 @@ def test_transformer_heads_per_token():
         ["blocks.0.attn.head.0", "blocks.0.attn.head.1", "embed"],
         loss_fn=lm_loss,
         num_chains=2,
-        num_draws=20,
+        num_draws=10,
         step_size=1e-4,
         nbeta=20.0,
         localization=100.0,
@@ -255,7 +255,7 @@ def test_transformer_heads_per_token():
     # all components in one batched group (one vmap-ed forward per step for every chain of every component)
     # equal one sequential call per component: same noise and data per chain
     kw = dict(
-        loss_fn=lm_loss, num_chains=2, num_draws=20, step_size=1e-4, nbeta=20.0, localization=100.0, seed=0
+        loss_fn=lm_loss, num_chains=2, num_draws=10, step_size=1e-4, nbeta=20.0, localization=100.0, seed=0
     )
     comps = ["blocks.0.attn.head.0", "embed"]
     one_by_one = susceptibilities(model, loader, probe, comps, batched=False, group_size=1, **kw)
@@ -274,7 +274,7 @@ def test_transformer_heads_per_token():
     separate = susceptibilities(model, [data], data, comps, **kw)
     hook.remove()
     # per step (all chains and components in one vmap-ed call): 1 forward fused, 3 separate (loss, probe, phi)
-    assert n_fused <= 20 + 5 and len(calls) >= 3 * 20
+    assert n_fused <= 10 + 5 and len(calls) >= 3 * 10
     np.testing.assert_allclose(fused.chi, separate.chi, rtol=1e-4, atol=1e-4 * np.abs(separate.chi).max())
     np.testing.assert_allclose(fused.phi_mean, separate.phi_mean, rtol=1e-5)
 
@@ -297,7 +297,7 @@ def test_checkpoint_resumes_without_resampling_finished_components(tmp_path, mon
     comps = {"a": {"weight": torch.tensor([[True, True, False, False]])}, "b": ["weight"]}
     kw = dict(
         num_chains=2,
-        num_draws=40,
+        num_draws=20,
         step_size=EPS,
         nbeta=NBETA,
         localization=GAMMA,
@@ -331,7 +331,7 @@ def test_checkpoint_resumes_without_resampling_finished_components(tmp_path, mon
     np.testing.assert_array_equal(resumed.chi_chains, full.chi_chains)
     with pytest.raises(ValueError, match="num_draws"):
         susceptibilities(
-            model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "ck", **{**kw, "num_draws": 41}
+            model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "ck", **{**kw, "num_draws": 21}
         )
 
 
@@ -344,7 +344,7 @@ def test_checkpoint_resumes_a_killed_group_from_its_last_draw(tmp_path, monkeypa
     model, x, y = _problem()
     comps = {"a": {"weight": torch.tensor([[True, True, False, False]])}, "b": ["weight"]}
     kw = dict(
-        num_chains=2, num_draws=30, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=3, batched=batched,
+        num_chains=2, num_draws=20, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=3, batched=batched,
         warn_nonstationary=False,
     )  # fmt: skip
     full = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "full", **kw)
@@ -367,7 +367,7 @@ def test_checkpoint_resumes_a_killed_group_from_its_last_draw(tmp_path, monkeypa
     assert files == ["sampling.component.a.2.npz"], files  # no finished row, the group's draws so far
     with np.load(ck / files[0], allow_pickle=False) as z:
         done = z["done"]  # finished draws per chain (2 runs x 2 chains)
-    assert 0 < done.sum() < 4 * 30
+    assert 0 < done.sum() < 4 * 20
     seen.clear()
     armed[0] = False
     resumed = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=ck, **kw)
