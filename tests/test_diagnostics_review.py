@@ -177,7 +177,8 @@ def test_auto_step_on_a_regular_model_does_not_warn_about_flat_directions():
         res = pp.estimate_llc(model, loader, nbeta=1000.0, localization=1.0, quiet=True, seed=0)
     assert "may not have relaxed" in res.sample.config["auto_step"]["reason"]
     assert res.llc_mean > 4.5
-    assert not [w for w in caught if "flattest directions" in str(w.message)]
+    # neither the calibration's warning ("flattest directions") nor a capped burn-in's ("flattest direction needs")
+    assert not [w for w in caught if "flattest direction" in str(w.message)]
 
 
 def test_a_given_step_relaxing_a_few_times_only_warns_and_a_relaxed_run_does_not():
