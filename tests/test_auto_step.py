@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _calls import count_calls
 
 from pypattern import truth
 from pypattern.sampling import AutoStepError, estimate_llc, resolve_step_size
@@ -529,19 +530,6 @@ def test_a_choice_after_drifting_steps_without_localization_warns():
         _warn_if_drift_chose(few, 0.0)
 
 
-def _count_calibrations(monkeypatch, module) -> list:
-    """A list that gets one entry per call of ``module.resolve_step_size`` (which still calibrates)."""
-    calls = []
-    real = module.resolve_step_size
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, "resolve_step_size", counted)
-    return calls
-
-
 @pytest.mark.filterwarnings("ignore::pypattern.sampling.diagnostics.NonStationaryWarning")
 def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
     """A checkpointed run with step_size="auto" records its calibration in the checkpoint; resuming the same call
@@ -561,7 +549,7 @@ def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
     kw["auto_step_options"] = {"calibration_steps": 32}
     whole = sample(model, loader, step_size="auto", **kw)
     assert any(math.isnan(t["llc"]) for t in whole.config["auto_step"]["trials"])
-    calls = _count_calibrations(monkeypatch, runner)
+    calls = count_calls(monkeypatch, runner, "resolve_step_size")
     path = str(tmp_path / "run.npz")
     seen = []
 
@@ -596,7 +584,7 @@ def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
         dict(cheap, seed=4),
         resolve=lambda *a, **k: (0.5, AutoStepReport(chosen=0.5, reason="4")),
     )
-    calls = _count_calibrations(monkeypatch, auto)
+    calls = count_calls(monkeypatch, auto, "resolve_step_size")
     assert calibrate_or_resume(model, loader, dict(cheap, seed=4), other)[0] == 0.5 and not calls
     step, report, fresh = calibrate_or_resume(model, loader, dict(cheap, seed=9), other)
     assert len(calls) == 1 and fresh["key"] != other["key"] and step == report.chosen != 0.5
@@ -614,7 +602,7 @@ def test_a_resumed_susceptibility_call_reuses_its_calibration(tmp_path, monkeypa
     probe = (x[:4], y[:4])
     kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0, quiet=True)
     kw["auto_step_options"] = {"calibration_steps": 32}  # short trials: the calibrations' cost is not checked
-    calls = _count_calibrations(monkeypatch, sus)
+    calls = count_calls(monkeypatch, sus, "resolve_step_size")
     first = susceptibilities(model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **kw)
     assert len(calls) == 1 and (tmp_path / sus.CALIBRATION_FILE).exists()
     again = susceptibilities(model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **kw)

@@ -4,6 +4,7 @@ refusal), naming the file, the stored step and the fix; a checkpoint of a calibr
 
 import pytest
 import torch
+from _calls import count_calls
 from torch import nn
 
 import pypattern as pp
@@ -32,14 +33,7 @@ def test_auto_step_on_a_given_step_checkpoint_is_refused_before_calibrating(tmp_
     path = tmp_path / "run.npz"
     ref = pp.estimate_llc(model, data, step_size=1e-3, checkpoint=str(path), **KW)
     assert path.exists() and torch.isfinite(torch.as_tensor(ref.llc_mean))
-    calls = []
-    real = runner.calibrate_or_resume
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(runner, "calibrate_or_resume", counted)
+    calls = count_calls(monkeypatch, runner, "calibrate_or_resume")
     for step in ("auto", None):
         with pytest.raises(
             io.FingerprintMismatch, match=r"given step, step_size=0\.001.*resume with step_size=0\.001"

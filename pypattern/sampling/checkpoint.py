@@ -495,32 +495,28 @@ def stored_calibration(path: str) -> Mapping | None:
     """The step-size calibration recorded in the checkpoint ``path`` (``{"key": ..., "report": ...}``, see
     :func:`pypattern.sampling.auto.calibrate_or_resume`), read from its header alone; None when the file holds none
     or is not a checkpoint this pypattern reads (the run's own load then names what is wrong with it)."""
-    meta = _header(path)
-    calibration = None if meta is None else meta.get("calibration")
-    return calibration if isinstance(calibration, Mapping) else None
+    return stored_step(path)[0]
 
 
-def _header(path: str) -> Mapping | None:
-    """The checkpoint header of ``path``, read without its arrays; None when the file is missing, unreadable or a
-    checkpoint of another format version."""
+def stored_step(path: str) -> tuple[Mapping | None, int | float | None]:
+    """What the checkpoint ``path`` records of its run's step size, from one read of its header (without its
+    arrays): ``(calibration, given)``, the step-size calibration of :func:`stored_calibration`, or, for a run at a
+    given step (no calibration in the header), that step (its fingerprint's ``step_size``). ``(None, None)`` when
+    the file is missing, unreadable or a checkpoint of another format version (the run's own load then names what
+    is wrong with it)."""
     try:
         with io._Archive(os.fspath(path), CHECKPOINT_KIND) as archive:
             meta = archive.meta.get("checkpoint")
     except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, Mapping) and meta.get("version") == VERSION else None
-
-
-def given_step_of(path: str):
-    """The step size a checkpoint ``path`` records for a run at a given step (its fingerprint's ``step_size``,
-    with no calibration in its header), read from the header alone; None when the file holds a calibration, holds
-    no such step, or is not a checkpoint this pypattern reads (the run's own load then names what is wrong)."""
-    meta = _header(path)
-    if meta is None or meta.get("calibration") is not None:
-        return None
+        return None, None
+    if not isinstance(meta, Mapping) or meta.get("version") != VERSION:
+        return None, None
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        return (calibration if isinstance(calibration, Mapping) else None), None
     fp = meta.get("fingerprint")
     step = fp.get("step_size") if isinstance(fp, Mapping) else None
-    return step if isinstance(step, int | float) and not isinstance(step, bool) else None
+    return None, (step if isinstance(step, int | float) and not isinstance(step, bool) else None)
 
 
 def run_fingerprint(

@@ -51,7 +51,7 @@ from .auto import (
     with_auto_report,
 )
 from .batched import UnstackableBatches, VmapUnsupported, run_batched
-from .checkpoint import State, given_step_of, load_checkpoint_state, run_fingerprint, stored_calibration
+from .checkpoint import State, load_checkpoint_state, run_fingerprint, stored_step
 from .context import LossContractError, RunContext, Stopped
 from .data import (
     ChainData,
@@ -560,8 +560,8 @@ def sample(
         # the settings that do not depend on the step checked before the calibration's tens of thousands of
         # chain-steps (a bad value would otherwise surface after them, or as the calibration's own failure)
         _check_settings_before_calibration(loader, locals())
-        stored = None if checkpoint is None else stored_calibration(checkpoint)  # None without a file
-        given = None if checkpoint is None or stored is not None else given_step_of(checkpoint)
+        # the checkpoint's calibration, or the given step its run sampled at ((None, None) without a file)
+        stored, given = (None, None) if checkpoint is None else stored_step(checkpoint)
         if given is not None:  # refused before the calibration's work: its run sampled at a given step
             raise io.FingerprintMismatch(
                 f"checkpoint {os.fspath(checkpoint)!r} was written by a run at a given step, step_size={given!r}; "
