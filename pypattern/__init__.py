@@ -49,7 +49,7 @@ from .gram import GramSite, per_sample_grad_gram, transformer_lens_sites
 from .models import Transformer, TransformerConfig, component_masks
 from .models.convert import UnsupportedModelError, from_hf, from_pretrained
 from .models.hf import hooked_hf
-from .ops import CrossCovariance, center_gram, sgld_step_
+from .ops import CrossCovariance, center_gram, sgld_chains_step_, sgld_step_
 from .patching import (
     KL,
     GaussianNoise,
@@ -165,6 +165,7 @@ __all__ += [
     "backends",
     "center_gram",
     "per_sample_grad_gram",
+    "sgld_chains_step_",
     "sgld_step_",
     "transformer_lens_sites",
 ]

@@ -210,6 +210,9 @@ def test_atp_memory_without_a_valid_max_batch_prints_its_usage(monkeypatch, argv
         ("ab_circuits", ["--trees", ".", "--pieces", "eap,points"], ["--pieces", "points"]),
         ("ab_patching", [".", "--grids", "resid_pre,z"], ["--grids", "'z'"]),
         ("ab_patching", ["/nonexistent-tree"], ["pypattern/ package"]),
+        ("ab_chain_runner", ["--trees", "/nonexistent-tree"], ["--trees", "pypattern/ package"]),
+        ("ab_chain_runner", ["--workloads", "auto,fast"], ["--workloads", "'fast'"]),
+        ("ab_chain_runner", ["--rounds", "0"], ["--rounds"]),
     ],
 )
 def test_scripts_refuse_unknown_options_by_name(monkeypatch, capsys, script, argv, words):

@@ -95,6 +95,23 @@ def test_sgld_step_example(env):
     assert any(not torch.equal(a, b) for a, b in zip(env["params"], params0))
 
 
+def test_sgld_chains_step_example(env):
+    """Each chain's row is the step of that chain alone with its seed (the rows started as the stepped params)."""
+    import pypattern as pp
+
+    flags = env["flags"]
+    assert flags.shape == (4, len(env["params"])) and flags.dtype == torch.int32 and not bool(flags.any())
+    for c in range(4):
+        alone = [p.clone() for p in env["params"]]
+        pp.sgld_step_(
+            alone, [g[c] for g in env["chain_grads"]], env["anchors"], step_size=1e-4, nbeta=50.0,
+            localization=100.0, seed=c, step=0,
+        )  # fmt: skip
+        for row, want in zip((x[c] for x in env["chains"]), alone):
+            assert torch.equal(row, want)
+        assert not torch.equal(alone[0], env["params"][0])  # the step moved it
+
+
 def test_llc_and_sample_examples(env):
     res = env["res"]
     assert np.isfinite(res.llc_mean) and res.llc_per_chain.shape == (2,)

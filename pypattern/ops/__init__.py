@@ -3,7 +3,8 @@ validation, and ``triton.py`` (the Triton kernel); the C++ and CUDA kernels are 
 registers its implementations with :mod:`pypattern._backends`, whose chooser picks the fastest one available for
 the tensors given.
 
-* :mod:`~pypattern.ops.sgld`: the fused SGLD step :func:`sgld_step_`.
+* :mod:`~pypattern.ops.sgld`: the fused SGLD step :func:`sgld_step_`, and :func:`sgld_chains_step_` for many chains in
+  one call.
 * :mod:`~pypattern.ops.sgnht`: the fused SGNHT step :func:`sgnht_step_` (momentum and thermostat).
 * :mod:`~pypattern.ops.rmsprop_sgld`: the fused RMSprop-preconditioned SGLD step :func:`rmsprop_sgld_step_`.
 * :mod:`~pypattern.ops.covariance`: the streaming cross-covariance :class:`CrossCovariance`.
@@ -34,7 +35,13 @@ from .grad_gram import (
     moved_to_gram,
 )
 from .rmsprop_sgld import rmsprop_sgld_step_, rmsprop_sgld_step_reference_
-from .sgld import philox_normals, sgld_step_, sgld_step_reference_
+from .sgld import (
+    philox_normals,
+    sgld_chains_step_,
+    sgld_chains_step_reference_,
+    sgld_step_,
+    sgld_step_reference_,
+)
 from .sgnht import sgnht_step_, sgnht_step_reference_
 from .sums import signed_sums, signed_sums_reference_
 
@@ -60,6 +67,8 @@ __all__ = [
     "rmsprop_sgld_step_reference_",
     "row_dots",
     "row_dots_reference",
+    "sgld_chains_step_",
+    "sgld_chains_step_reference_",
     "sgld_step_",
     "sgld_step_reference_",
     "sgnht_step_",

@@ -317,6 +317,12 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
         noise_coupling=m,
     )
     shared_batch = to_device(datas[0].single, ctx.device) if shared_data else None
+    groups: list[list[int]] = []  # [lo, hi, run]: consecutive chains of one run, stepped by one op call
+    for i, r in enumerate(runs):
+        if groups and groups[-1][2] == r:
+            groups[-1][1] = i + 1
+        else:
+            groups.append([i, i + 1, r])
     for t in range(start, total):
         leaves = {n: s.detach().requires_grad_(True) for n, s in stacked.items()}
         grads, lvs, exs = None, [], []
@@ -424,37 +430,52 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 )
                 if later is not None:
                     after_update.append(later)
-        per_tensor = [gr.unbind(0) for gr in grads]
         with torch.no_grad():
             flags = []
-            for i, g in enumerate(chains):
-                r = runs[i]
-                gi = [per_tensor[j][i] for j in pick[i]]
-                try:
-                    # validated once, at the first step; then unchecked: one flag per tensor, looked at once for
-                    # all chains
-                    f = sstate.step(
-                        i,
-                        views[i],
-                        gi,
-                        run_anchors[r],
-                        masks=run_masks[r],
-                        seed=seeds[i],
-                        step=t,
-                        validate=t == start,
+            if plan.sampler == "sgld" and t != start:
+                # every chain of a run in one op call: the update each chain's own call gives
+                for lo, hi, r in groups:
+                    moving = plan.runs[r].moving
+                    flags.append(
+                        sstate.step_chains(
+                            lo,
+                            hi,
+                            [stacked[n][lo:hi] for n in moving],
+                            [grads[index[n]][lo:hi] for n in moving],
+                            run_anchors[r],
+                            masks=run_masks[r],
+                            step=t,
+                        )
                     )
-                    if f is not None:
-                        flags.append(f.max() if f.numel() else f.new_zeros(()))
-                except FloatingPointError as e:
-                    raise ctx.diverged(g, t, step_failure(e)) from None
+            else:
+                per_tensor = [gr.unbind(0) for gr in grads]
+                for i, g in enumerate(chains):
+                    r = runs[i]
+                    gi = [per_tensor[j][i] for j in pick[i]]
+                    try:
+                        # validated once, at the first step; then unchecked: one flag per tensor, looked at once
+                        # for all chains
+                        f = sstate.step(
+                            i,
+                            views[i],
+                            gi,
+                            run_anchors[r],
+                            masks=run_masks[r],
+                            seed=seeds[i],
+                            step=t,
+                            validate=t == start,
+                        )
+                        if f is not None:
+                            flags.append(f.max() if f.numel() else f.new_zeros(()))
+                    except FloatingPointError as e:
+                        raise ctx.diverged(g, t, step_failure(e)) from None
             th = sstate.thermostat
             if th is not None and t != start and not bool(torch.isfinite(th).all()):
                 # the unchecked step leaves a thermostat whose update overflowed (finite squared momenta whose sum
                 # exceeds float64) unflagged; the checked one raises on it: the same divergence at the same step
                 i = int(torch.nonzero(~torch.isfinite(th.reshape(-1)))[0])
                 raise ctx.diverged(chains[i], t, THERMOSTAT_OVERFLOW)
-            if flags and bool(torch.stack(flags).any()):
-                bits = torch.stack(flags)
+            if flags and bool((bits := torch.cat([f.reshape(-1) for f in flags])).any()):
                 i = int(torch.nonzero(bits)[0])
                 why = (
                     "a gradient is not finite"

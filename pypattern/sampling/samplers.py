@@ -30,7 +30,7 @@ import torch
 from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
 from ..ops.sgld import philox_normals, sgld_step_
-from ..ops.sgld.op import check_key
+from ..ops.sgld.op import check_key, sgld_chains_step_
 from ..ops.sgnht import sgnht_step_
 from .optim import (
     SGLD,
@@ -732,6 +732,16 @@ class StackedSamplerState:
             sampler
         ]
         self._fast = resolve_step_fn(device, backend) if sampler == "sgld" else None
+        self.seeds = list(seeds)
+        if sampler == "sgld":
+            chains_backend = _backends.choose("sgld_chains_step_", device, backend)
+
+            def chains_fast(params, grads, anchors, **kw):
+                return sgld_chains_step_(
+                    params, grads, anchors, backend=chains_backend, validate=False, check_finite=False, **kw
+                )
+
+            self._chains_fast = chains_fast
         self._backend_name = _backends.choose(self.op, device, backend) if sampler != "sgld" else None
         self.rows: dict[str, torch.Tensor] = {}
         self.thermostat = None
@@ -837,6 +847,51 @@ class StackedSamplerState:
             mask = None if masks is None else masks[t]
             p.add_(z if mask is None else z * mask.to(z.dtype), alpha=c)
         return flags
+
+    def step_chains(
+        self,
+        lo: int,
+        hi: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        anchors: list[torch.Tensor],
+        *,
+        masks,
+        step: int,
+    ) -> torch.Tensor:
+        """The unchecked SGLD step of chains ``lo .. hi - 1`` in one op call (:func:`sgld_chains_step_`):
+        ``params`` and ``grads`` hold their rows ``(hi - lo, *shape)`` of the tensors they all move (the same
+        ones, in the order of :meth:`step`'s lists), ``anchors`` and ``masks`` are shared. Each chain's update is
+        the one :meth:`step` with ``validate=False`` gives it. Returns each chain's flags OR-ed over its tensors,
+        shape ``(hi - lo,)``."""
+        kw = dict(seeds=self.seeds[lo:hi], step=step, masks=masks, **self.hyper)
+        flags = self._chains_fast(
+            params, grads, anchors, **dict(kw, noise_scale=0.0) if self.coupling > 1 else kw
+        )
+        if self.coupling > 1 and kw["noise_scale"] != 0.0:
+            # as _coupled_step: the summed noise of m unit steps of each chain's own stream, added on the unmasked
+            # entries
+            m = self.coupling
+            xi = [torch.zeros_like(p) for p in params]
+            zero_grads = [torch.zeros_like(p) for p in params]
+            zero_anchors = [torch.zeros_like(a) for a in anchors]
+            unit = dict(
+                step_size=1.0,
+                nbeta=1.0,
+                localization=0.0,
+                weight_decay=0.0,
+                noise_scale=1.0,
+                bounding_box=None,
+                masks=None,
+                seeds=kw["seeds"],
+            )
+            for j in range(m):
+                self._chains_fast(xi, zero_grads, zero_anchors, step=m * step + j, **unit)
+            c = math.sqrt(kw["step_size"] / m) * kw["noise_scale"]
+            for t, (p, z) in enumerate(zip(params, xi, strict=True)):
+                mask = None if masks is None else masks[t]
+                p.add_(z if mask is None else z * mask.to(z.dtype), alpha=c)
+        return flags.amax(dim=1) if flags.shape[1] else flags.new_zeros(hi - lo)
 
     def state_of(self, i: int) -> dict[str, torch.Tensor]:
         """Chain ``i``'s state (copies), keyed as :meth:`SGNHT.chain_state` keys it; ``{}`` for SGLD."""

@@ -21,6 +21,10 @@ Triton's ``uint_to_uniform_float`` and normals by Box-Muller, element ``e`` taki
 index is the position in row-major order of the tensor's shape, whatever its strides, so a non-contiguous view
 gets the same noise as a contiguous copy. The same key gives the same noise on every call.
 
+Many chains in one call: :func:`sgld_chains_step_` takes each tensor stacked over ``C`` chains, ``(C, *shape)``,
+with one seed per chain; chain ``c``'s row gets exactly the update (noise included) that :func:`sgld_step_` gives
+it with ``seed=seeds[c]``. The chain runner steps a group of SGLD chains with one such call per step.
+
 Streams across backends: ``reference`` (integer Philox in torch), ``cpp``, ``triton`` and ``cuda`` compute the
 *same* Philox integers, so their noise agrees element by element up to the float rounding of ``log``, ``sqrt`` and
 ``cos`` in each backend's math library (measured max difference about 1e-6, see tests/test_sgld.py); they are
@@ -28,13 +32,15 @@ not bit-identical. Noise is drawn in float32 and cast for float64 tensors. The s
 ``torch.randn``'s, which matches the others only in distribution.
 """
 
-from .op import FLAG_GRAD_NONFINITE, FLAG_UPDATE_NONFINITE, sgld_step_
-from .reference import philox_normals, sgld_step_reference_
+from .op import FLAG_GRAD_NONFINITE, FLAG_UPDATE_NONFINITE, sgld_chains_step_, sgld_step_
+from .reference import philox_normals, sgld_chains_step_reference_, sgld_step_reference_
 
 __all__ = [
     "FLAG_GRAD_NONFINITE",
     "FLAG_UPDATE_NONFINITE",
     "philox_normals",
+    "sgld_chains_step_",
+    "sgld_chains_step_reference_",
     "sgld_step_",
     "sgld_step_reference_",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ... import _backends
-from .reference import sgld_step_reference_
+from .reference import sgld_chains_step_reference_, sgld_step_reference_
 
 
 def check_scalar(name: str, value, *, positive: bool = False) -> float:
@@ -693,4 +693,180 @@ def sgld_step_(
     torch.autograd.graph.increment_version(params)
     if check_finite and bool(flags.any()):
         raise_on_flags("sgld_step_", flags, params, step=step, step_size=step_size, nbeta=nbeta)
+    return flags
+
+
+# ------------------------------------------------------------------------------------------ many chains at once
+
+
+def _sgld_chains_step_c(
+    params,
+    grads,
+    anchors,
+    *,
+    step_size,
+    nbeta,
+    localization,
+    weight_decay,
+    noise_scale,
+    bounding_box,
+    masks,
+    seeds,
+    step,
+) -> torch.Tensor:
+    """The registered ``torch.ops.pypattern.sgld_chains_step_`` (csrc/sgld/): C++ on CPU tensors, CUDA on CUDA
+    tensors."""
+    return torch.ops.pypattern.sgld_chains_step_(
+        params if isinstance(params, list) else list(params),
+        grads if isinstance(grads, list) else list(grads),
+        anchors if isinstance(anchors, list) else list(anchors),
+        [] if masks is None else list(masks),
+        float(step_size),
+        float(nbeta),
+        float(localization),
+        float(weight_decay),
+        float(noise_scale),
+        None if bounding_box is None else float(bounding_box),
+        [signed64(s) for s in seeds],
+        signed64(step),
+    )
+
+
+_backends.register("sgld_chains_step_", "reference", sgld_chains_step_reference_)
+_backends.register("sgld_chains_step_", "triton", "pypattern.ops.sgld.triton:sgld_chains_step_triton_")
+_backends.register("sgld_chains_step_", ("cpp", "cuda"), _sgld_chains_step_c)
+
+
+def _validate_chains(params, grads, anchors, masks, seeds):
+    """:func:`sgld_chains_step_`'s arguments checked (as :func:`validate_inputs` checks one chain's, on the
+    stacked tensors with the anchors and masks broadcast over the chains); returns them as lists."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dim() != 1 or seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
+            raise TypeError(
+                f"seeds must be a sequence of ints (or a 1-d integer tensor), got a {seeds.dtype} "
+                f"tensor of shape {tuple(seeds.shape)}"
+            )
+        seeds = seeds.tolist()
+    if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds must be a sequence of ints, one per chain, got {type(seeds).__name__}")
+    seeds = [check_key(f"seeds[{c}]", s) for c, s in enumerate(seeds)]
+    params, grads, anchors = as_list("params", params), as_list("grads", grads), as_list("anchors", anchors)
+    if not (len(params) == len(grads) == len(anchors)):
+        raise ValueError(
+            f"params, grads and anchors must have the same length, got {len(params)}, {len(grads)}, {len(anchors)}"
+        )
+    if masks is not None:
+        masks = as_list("masks", masks)
+        if len(masks) != len(params):
+            raise ValueError(f"masks must have one entry (or None) per tensor: {len(masks)} != {len(params)}")
+    C = len(seeds)
+    for t, (p, g, a) in enumerate(zip(params, grads, anchors)):
+        for name, x in (("params", p), ("grads", g), ("anchors", a)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}[{t}] must be a tensor, got {type(x).__name__}")
+        if p.dim() < 1 or p.shape[0] != C:
+            raise ValueError(
+                f"params[{t}] has shape {tuple(p.shape)}; its first dimension must be the chain axis, of length "
+                f"len(seeds) = {C}"
+            )
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{t}] has shape {tuple(g.shape)} but params[{t}] has {tuple(p.shape)}")
+        if a.shape != p.shape[1:]:
+            raise ValueError(
+                f"anchors[{t}] has shape {tuple(a.shape)}; it must be one chain's row of params[{t}], "
+                f"shape {tuple(p.shape[1:])} (the anchors are shared by the chains)"
+            )
+        m = None if masks is None else masks[t]
+        if isinstance(m, torch.Tensor) and m.shape != p.shape[1:]:
+            raise ValueError(
+                f"masks[{t}] has shape {tuple(m.shape)}; it must be one chain's row of params[{t}], "
+                f"shape {tuple(p.shape[1:])} (the masks are shared by the chains)"
+            )
+    # the whole check of one step on the stacked tensors, the shared ones seen through the chain axis
+    validate_inputs(
+        params,
+        grads,
+        [a.expand(p.shape) for a, p in zip(anchors, params)],
+        None
+        if masks is None
+        else [m.expand(p.shape) if isinstance(m, torch.Tensor) else m for m, p in zip(masks, params)],
+    )
+    anchors = [a.resolve_neg() if a.is_neg() else a for a in anchors]
+    grads = [g.resolve_neg() if g.is_neg() else g for g in grads]
+    if masks is not None:
+        masks = [m.resolve_neg() if m is not None and m.is_neg() else m for m in masks]
+    return params, grads, anchors, masks, seeds
+
+
+def sgld_chains_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    *,
+    step_size: float,
+    nbeta: float,
+    localization: float,
+    weight_decay: float = 0.0,
+    noise_scale: float = 1.0,
+    bounding_box: float | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    seeds: Sequence[int],
+    step: int,
+    backend: str | None = None,
+    validate: bool = True,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """One SGLD step of ``C = len(seeds)`` chains at once, in place: one call where :func:`sgld_step_` takes one
+    per chain.
+
+    ``params[t]`` and ``grads[t]`` have shape ``(C, *shape_t)``: row ``c`` is chain ``c``'s tensor ``t``.
+    ``anchors[t]`` and ``masks[t]`` have shape ``shape_t`` and are shared by every chain. Row ``c`` gets exactly
+    the update, noise included, that ``sgld_step_([p[c] for p in params], [g[c] for g in grads], anchors,
+    masks=masks, seed=seeds[c], ...)`` gives (the same Philox key and counters), so chains stepped together are
+    the chains stepped one at a time. Same backends, update and flags as :func:`sgld_step_`; the other arguments
+    are its arguments.
+
+    Returns
+    -------
+    Tensor, shape ``(C, len(params))``, int32
+        Chain ``c``'s flags for tensor ``t`` (see :func:`sgld_step_`). With ``check_finite``, a non-zero flag
+        raises ``FloatingPointError`` naming the first such chain and its tensors.
+    """
+    if validate:
+        params, grads, anchors, masks, seeds = _validate_chains(params, grads, anchors, masks, seeds)
+        step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, _, step = (
+            check_hyperparameters(
+                step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, 0, step
+            )
+        )
+    if not params:
+        return torch.zeros((len(seeds), 0), dtype=torch.int32)
+    flags = _backends.dispatch("sgld_chains_step_", params[0].device, backend)(
+        params,
+        grads,
+        anchors,
+        step_size=step_size,
+        nbeta=nbeta,
+        localization=localization,
+        weight_decay=weight_decay,
+        noise_scale=noise_scale,
+        bounding_box=bounding_box,
+        masks=masks,
+        seeds=seeds,
+        step=step,
+    )
+    torch.autograd.graph.increment_version(params)
+    if check_finite and bool(flags.any()):
+        c = int(torch.nonzero(flags.cpu().amax(dim=1))[0])
+        try:
+            raise_on_flags(
+                "sgld_chains_step_",
+                flags[c],
+                [p[c] for p in params],
+                step=step,
+                step_size=step_size,
+                nbeta=nbeta,
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(f"chain {c} (seeds[{c}] = {seeds[c]}): {e}") from None
     return flags

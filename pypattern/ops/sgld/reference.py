@@ -118,3 +118,40 @@ def sgld_step_reference_(
             new = torch.minimum(torch.maximum(new, w0 - bounding_box), w0 + bounding_box)
         w.copy_(torch.where(bad | over | frozen, w, new))
     return flags
+
+
+def sgld_chains_step_reference_(
+    params,
+    grads,
+    anchors,
+    *,
+    step_size,
+    nbeta,
+    localization,
+    weight_decay=0.0,
+    noise_scale=1.0,
+    bounding_box=None,
+    masks=None,
+    seeds,
+    step,
+) -> torch.Tensor:
+    """Plain-torch specification of :func:`pypattern.ops.sgld.op.sgld_chains_step_` (inputs already validated):
+    chain ``c`` is :func:`sgld_step_reference_` on rows ``c`` of ``params`` and ``grads`` with seed ``seeds[c]``.
+    Returns the ``(C, len(params))`` int32 flags."""
+    flags = torch.zeros((len(seeds), len(params)), dtype=torch.int32)
+    for c, seed in enumerate(seeds):
+        flags[c] = sgld_step_reference_(
+            [p[c] for p in params],
+            [g[c] for g in grads],
+            anchors,
+            step_size=step_size,
+            nbeta=nbeta,
+            localization=localization,
+            weight_decay=weight_decay,
+            noise_scale=noise_scale,
+            bounding_box=bounding_box,
+            masks=masks,
+            seed=seed,
+            step=step,
+        )
+    return flags

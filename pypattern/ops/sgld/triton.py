@@ -200,3 +200,42 @@ def sgld_step_triton_(
             if w is not p:
                 p.copy_(w)
         return flags.cpu()
+
+
+def sgld_chains_step_triton_(
+    params,
+    grads,
+    anchors,
+    *,
+    step_size,
+    nbeta,
+    localization,
+    weight_decay,
+    noise_scale,
+    bounding_box,
+    masks,
+    seeds,
+    step,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Chain ``c``'s rows stepped by :func:`sgld_step_triton_` with seed ``seeds[c]`` (one launch per chain and
+    tensor; inputs validated by :func:`pypattern.ops.sgld.op.sgld_chains_step_`). Returns the ``(C, len(params))``
+    int32 flags, on the CPU."""
+    flags = torch.zeros((len(seeds), len(params)), dtype=torch.int32)
+    for c, seed in enumerate(seeds):
+        flags[c] = sgld_step_triton_(
+            [p[c] for p in params],
+            [g[c] for g in grads],
+            anchors,
+            step_size=step_size,
+            nbeta=nbeta,
+            localization=localization,
+            weight_decay=weight_decay,
+            noise_scale=noise_scale,
+            bounding_box=bounding_box,
+            masks=masks,
+            seed=seed,
+            step=step,
+            block=block,
+        )
+    return flags
