@@ -23,7 +23,7 @@ from .context import (
     step_failure,
 )
 from .data import ChainData, to_device
-from .samplers import StackedSamplerState
+from .samplers import StackedSamplerState, or_flags
 from .sequential import extra_outputs, join_outputs
 
 __all__ = ["UnstackableBatches", "VmapUnsupported", "run_batched"]
@@ -466,7 +466,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                             validate=t == start,
                         )
                         if f is not None:
-                            flags.append(f.max() if f.numel() else f.new_zeros(()))
+                            flags.append(or_flags(f))
                     except FloatingPointError as e:
                         raise ctx.diverged(g, t, step_failure(e)) from None
             th = sstate.thermostat

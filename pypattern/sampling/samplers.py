@@ -676,6 +676,14 @@ def chain_sampler(
     return SAMPLERS[sampler](named_params, masks=masks, seed=seed, backend=backend, **hyper, **own)
 
 
+def or_flags(flags: torch.Tensor) -> torch.Tensor:
+    """The fused steps' int32 flags (bit 1: a non-finite gradient, bit 2: an update that overflowed) OR-ed over the
+    last dimension (a chain's tensors)."""
+    if flags.shape[-1] == 0:
+        return flags.new_zeros(flags.shape[:-1])
+    return (flags & 1).amax(dim=-1) | (flags & 2).amax(dim=-1)
+
+
 class StackedSamplerState:
     """The sampler state of chains run together (the batched runner), stacked along a chain axis, and one step
     of a chain on its rows.
@@ -891,7 +899,7 @@ class StackedSamplerState:
             for t, (p, z) in enumerate(zip(params, xi, strict=True)):
                 mask = None if masks is None else masks[t]
                 p.add_(z if mask is None else z * mask.to(z.dtype), alpha=c)
-        return flags.amax(dim=1) if flags.shape[1] else flags.new_zeros(hi - lo)
+        return or_flags(flags)
 
     def state_of(self, i: int) -> dict[str, torch.Tensor]:
         """Chain ``i``'s state (copies), keyed as :meth:`SGNHT.chain_state` keys it; ``{}`` for SGLD."""

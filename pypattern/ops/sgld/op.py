@@ -111,16 +111,8 @@ def validate_inputs(params, grads, anchors, masks):
                 raise ValueError(f"masks[{i}] is on {m.device} but params are on {device}")
             if not (m.dtype == torch.bool or m.is_floating_point()):
                 raise TypeError(f"masks[{i}] must be bool or floating point, got {m.dtype}")
-            if m.is_floating_point() and not bool(torch.isfinite(m).all()):
-                raise ValueError(
-                    f"masks[{i}] holds {int((~torch.isfinite(m)).sum())} NaN or Inf entries; give finite values "
-                    "(0 freezes an entry, other values scale its update)"
-                )
-        if not bool(torch.isfinite(a).all()):
-            raise ValueError(
-                f"anchors[{i}] holds {int((~torch.isfinite(a)).sum())} NaN or Inf entries; give the finite "
-                "trained weights w*"
-            )
+            refuse_nonfinite_mask(i, m)
+        refuse_nonfinite_anchor(i, a)
         _check_updatable(f"params[{i}]", w, grad_mode, inference)
         status = _internal_overlap(w)
         if status:
@@ -140,6 +132,24 @@ def validate_inputs(params, grads, anchors, masks):
     if masks is not None and any(m is not None and m.is_neg() for m in masks):
         masks = [None if m is None else m.resolve_neg() for m in masks]
     return params, grads, anchors, masks, device
+
+
+def refuse_nonfinite_mask(i: int, m: torch.Tensor) -> None:
+    """``ValueError`` when the floating mask ``masks[i]`` holds a NaN or Inf, counting them."""
+    if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+        raise ValueError(
+            f"masks[{i}] holds {int((~torch.isfinite(m)).sum())} NaN or Inf entries; give finite values "
+            "(0 freezes an entry, other values scale its update)"
+        )
+
+
+def refuse_nonfinite_anchor(i: int, a: torch.Tensor) -> None:
+    """``ValueError`` when ``anchors[i]`` holds a NaN or Inf, counting them."""
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(
+            f"anchors[{i}] holds {int((~torch.isfinite(a)).sum())} NaN or Inf entries; give the finite "
+            "trained weights w*"
+        )
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -782,6 +792,10 @@ def _validate_chains(params, grads, anchors, masks, seeds):
                 f"masks[{t}] has shape {tuple(m.shape)}; it must be one chain's row of params[{t}], "
                 f"shape {tuple(p.shape[1:])} (the masks are shared by the chains)"
             )
+        # counted here, on the shared tensors: seen through the chain axis below, each entry would count C times
+        if isinstance(m, torch.Tensor):
+            refuse_nonfinite_mask(t, m)
+        refuse_nonfinite_anchor(t, a)
     # the whole check of one step on the stacked tensors, the shared ones seen through the chain axis
     validate_inputs(
         params,
