@@ -826,35 +826,36 @@ class StackedSamplerState:
         of a chain with the same seed, over ``sqrt(m)``: the Euler step of the Brownian path that a chain at step
         ``eps / m`` follows in ``m`` steps. The drift step runs in the op without noise; the noise is read from the
         op's own stream (the op stepping zeros with unit step, no drift) and added on the unmasked entries."""
-        m, step, noise_scale = self.coupling, kw["step"], kw["noise_scale"]
         drift = dict(kw, noise_scale=0.0)
         if validate:
             sgld_step_(params, grads, anchors, backend=self.backend, **drift)
             flags = None
         else:
             flags = self._fast(params, grads, anchors, check=False, **drift)
-        if noise_scale == 0.0:
-            return flags
+        if kw["noise_scale"] != 0.0:
+            self._add_coupled_noise(
+                lambda *a, **k: self._fast(*a, check=False, **k), params, anchors, kw, dict(seed=kw["seed"])
+            )
+        return flags
+
+    def _add_coupled_noise(self, step_fn, params, anchors, kw: dict, key: dict) -> None:
+        """Add to ``params`` the coupled step's noise: the sum of the noises of the ``m`` unit steps ``m t ...
+        m t + m - 1`` of the stream ``key`` (``seed`` or ``seeds``), drawn by ``step_fn`` (an unchecked step op)
+        stepping zeros with no drift, times ``sqrt(eps / m) * noise_scale``, on the unmasked entries."""
+        m = self.coupling
         xi = [torch.zeros_like(p) for p in params]
-        unit = dict(
-            step_size=1.0,
-            nbeta=1.0,
-            localization=0.0,
-            weight_decay=0.0,
-            noise_scale=1.0,
-            bounding_box=None,
-            masks=None,
-            seed=kw["seed"],
-        )
         zero_grads = [torch.zeros_like(p) for p in params]
+        zero_anchors = [torch.zeros_like(a) for a in anchors]
+        unit = dict(
+            step_size=1.0, nbeta=1.0, localization=0.0, weight_decay=0.0, noise_scale=1.0, bounding_box=None
+        )
         for j in range(m):
-            self._fast(xi, zero_grads, zero_grads, check=False, step=m * step + j, **unit)
-        c = math.sqrt(kw["step_size"] / m) * noise_scale
+            step_fn(xi, zero_grads, zero_anchors, step=m * kw["step"] + j, masks=None, **unit, **key)
+        c = math.sqrt(kw["step_size"] / m) * kw["noise_scale"]
         masks = kw["masks"]
         for t, (p, z) in enumerate(zip(params, xi, strict=True)):
             mask = None if masks is None else masks[t]
             p.add_(z if mask is None else z * mask.to(z.dtype), alpha=c)
-        return flags
 
     def step_chains(
         self,
@@ -877,28 +878,7 @@ class StackedSamplerState:
             params, grads, anchors, **dict(kw, noise_scale=0.0) if self.coupling > 1 else kw
         )
         if self.coupling > 1 and kw["noise_scale"] != 0.0:
-            # as _coupled_step: the summed noise of m unit steps of each chain's own stream, added on the unmasked
-            # entries
-            m = self.coupling
-            xi = [torch.zeros_like(p) for p in params]
-            zero_grads = [torch.zeros_like(p) for p in params]
-            zero_anchors = [torch.zeros_like(a) for a in anchors]
-            unit = dict(
-                step_size=1.0,
-                nbeta=1.0,
-                localization=0.0,
-                weight_decay=0.0,
-                noise_scale=1.0,
-                bounding_box=None,
-                masks=None,
-                seeds=kw["seeds"],
-            )
-            for j in range(m):
-                self._chains_fast(xi, zero_grads, zero_anchors, step=m * step + j, **unit)
-            c = math.sqrt(kw["step_size"] / m) * kw["noise_scale"]
-            for t, (p, z) in enumerate(zip(params, xi, strict=True)):
-                mask = None if masks is None else masks[t]
-                p.add_(z if mask is None else z * mask.to(z.dtype), alpha=c)
+            self._add_coupled_noise(self._chains_fast, params, anchors, kw, dict(seeds=kw["seeds"]))
         return or_flags(flags)
 
     def state_of(self, i: int) -> dict[str, torch.Tensor]:
