@@ -213,6 +213,9 @@ def test_atp_memory_without_a_valid_max_batch_prints_its_usage(monkeypatch, argv
         ("ab_chain_runner", ["--trees", "/nonexistent-tree"], ["--trees", "pypattern/ package"]),
         ("ab_chain_runner", ["--workloads", "auto,fast"], ["--workloads", "'fast'"]),
         ("ab_chain_runner", ["--rounds", "0"], ["--rounds"]),
+        ("bench_batched_chains", ["--models", "mlp22k,gpt2"], ["--models", "'gpt2'"]),
+        ("bench_batched_chains", ["--chains", "4,1"], ["--chains"]),
+        ("bench_batched_chains", ["--steps", "10"], ["--steps"]),
     ],
 )
 def test_scripts_refuse_unknown_options_by_name(monkeypatch, capsys, script, argv, words):

@@ -47,8 +47,12 @@ def files(tmp_path_factory):
 
 
 def _one_after_another(monkeypatch):
-    """The sampler's default rule (chains of this model one after another), as the command ran them before."""
+    """The command's sampling by the sampler's default rule (``batched=None``: the calibration's trials stacked,
+    as they fit), with that rule running the draws' chains one after another."""
+    from pypattern.sampling import runner
+
     monkeypatch.setattr(user_model, "_sampled", lambda run, model, stacked_chains: run(None))
+    monkeypatch.setattr(runner, "batches_by_default", lambda model, num_chains: False)
 
 
 LLC_SETTINGS = dict(num_chains=3, num_draws=12, num_burnin_steps=12, seed=5)
@@ -67,8 +71,7 @@ def test_llc_chains_batched_give_the_draws_of_chains_one_after_another(
     )
     fast = user_model.run_user_llc(str(files / "llama"), str(files / "tokens.npy"), str(tmp_path / "a"), **kw)
     res = LLCResult.load(fast["result"])
-    # 3 chains of a model of more than 4096 parameters: the default rule runs them one after another; stacked,
-    # they fit
+    # 3 chains of a model of more than 4096 parameters: stacked, they fit, and the command batches them
     assert sum(p.numel() for p in circuits_cli.load_model_dir(str(files / "llama")).parameters()) > 4096
     assert res.sample.batched
     with monkeypatch.context() as m:
@@ -94,8 +97,7 @@ def test_chi_chains_batched_give_the_estimate_of_the_default_rule(files, tmp_pat
 
     monkeypatch.setattr(user_model, "_sampled", spy)
     fast = user_model.run_user_chi(str(files / "llama"), str(files / "tokens.npy"), str(tmp_path / "a"), **kw)
-    # every component's chain stacks with the others: chains x components (4, fewer than the 8 the default rule
-    # batches)
+    # every component's chain stacks with the others: chains x components
     assert calls == [len(fast["components"])] == [4]
     _one_after_another(monkeypatch)
     slow = user_model.run_user_chi(str(files / "llama"), str(files / "tokens.npy"), str(tmp_path / "b"), **kw)

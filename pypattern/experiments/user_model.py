@@ -515,7 +515,7 @@ def _sampled(run, model, stacked_chains: int):
     rule (``batched=None``). The draws are the same either way up to float rounding; batched chains of the
     converted transformers take less CPU time per chain-step (measured on one thread, 4 chains: 1.1 vs 2.1-2.5 ms
     for a 25k-parameter Llama, 4.9 vs 6.7-7.0 ms at 90k, 19-20 vs 22-23 ms at 673k, equal at 3.2M), where the
-    default rule batches 4 chains only up to 4096 parameters. A model that does not run under ``vmap`` is refused
+    default rule batches chains on a CPU only up to 2^17 parameters. A model that does not run under ``vmap`` is refused
     by ``batched=True`` at its first step (before any draw): it is then run by the default rule."""
     from ..sampling.runner import fits_batched
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import io
-from .._checks import is_count, refuse_inference_parameters
+from .._checks import is_count, model_device, refuse_inference_parameters
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
 from ..losses import (
@@ -107,8 +107,8 @@ __all__ = [
     "split_loss",
 ]
 
-BATCHED_MAX_PARAMS = 4096  # batched=None runs chains batched (vmap) up to this many parameters,
-BATCHED_MIN_CHAINS = 8  # or when at least this many chains run together
+BATCHED_MAX_PARAMS = 1 << 17  # batched=None runs chains batched (vmap) up to this many parameters,
+BATCHED_MIN_CHAINS = 8  # or, on a GPU, when at least this many chains run together
 BATCHED_MAX_STACKED = 1 << 24  # and chains x parameters stay under this (64 MB of float32 weights)
 
 
@@ -371,13 +371,13 @@ def sample(
     batched : bool, optional
         ``True``: run the chains together (parameters stacked along a chain axis, one ``vmap``-ed forward and
         one backward per step); ``False``: one chain after another; ``None`` (default): batched, if the model
-        runs under ``torch.func.vmap`` (no in-place buffer updates, no random ops), for small models (at most
-        ``BATCHED_MAX_PARAMS`` = 4096 parameters, where per-step overhead dominates) and whenever at least
-        ``BATCHED_MIN_CHAINS`` = 8 chains run together with at most ``BATCHED_MAX_STACKED`` = 2^24 stacked
-        parameters; else sequential. Measured per chain-step, one thread: 4 chains of an MLP with 22k
-        / 101k parameters 1.49 / 4.60 ms batched vs 1.35 / 3.86 sequential; 20 chains 1.03 / 3.49 vs 1.52 / 4.02;
-        a 10k-parameter transformer 3.62 vs 4.88 (4 chains) and 2.64 vs 4.78 (20 chains). Both give the same
-        draws for the same seed, up to float rounding. Whether the loss runs under vmap is found at the first step
+        runs under ``torch.func.vmap`` (no in-place buffer updates, no random ops), for models of at most
+        ``BATCHED_MAX_PARAMS`` = 2^17 parameters (and, on a GPU, whenever at least ``BATCHED_MIN_CHAINS`` = 8
+        chains run together), with at most ``BATCHED_MAX_STACKED`` = 2^24 stacked parameters; else sequential.
+        Measured per chain-step on a CPU, one thread (``bench/bench_batched_chains.py``, docs/benchmarks.md):
+        batched is 1.04-1.34x faster for 4-20 chains of MLPs of 22k and 99k parameters and 1.5-2.6x for a
+        10k-parameter transformer, and slower from about 260k parameters on (0.82-0.87x at 263k, 0.45-0.60x at
+        1.05 million). Both give the same draws for the same seed, up to float rounding. Whether the loss runs under vmap is found at the first step
         (of a run, or of a resumed run): an exception there is checked by calling the loss without vmap for each
         chain on its batch; one raised there too is the loss function's own and propagates as it is, only one
         that vmap alone meets means "does not run under vmap". Batched chains stack their batches of a step: with
@@ -1713,10 +1713,16 @@ def _check_settings_before_calibration(loader, call: Mapping[str, Any]) -> None:
 
 def batches_by_default(model: nn.Module, num_chains: int) -> bool:
     """Whether ``batched=None`` runs ``num_chains`` chains of ``model`` together (at the same step): more than one
-    chain, and few parameters, or many chains whose stacked parameters stay small."""
+    chain, their stacked parameters at most ``BATCHED_MAX_STACKED``, and at most ``BATCHED_MAX_PARAMS`` parameters
+    each, or, on a GPU, at least ``BATCHED_MIN_CHAINS`` chains. On a CPU the vmap-ed step of larger models is
+    slower than the chains one after another (bench/bench_batched_chains.py: 0.82-0.87x at 263k parameters, 0.45-0.60x
+    at 1.05 million, with 4 to 20 chains)."""
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    many = num_chains >= BATCHED_MIN_CHAINS and num_chains * n_params <= BATCHED_MAX_STACKED
-    return num_chains > 1 and (n_params <= BATCHED_MAX_PARAMS or many)
+    if num_chains < 2 or num_chains * n_params > BATCHED_MAX_STACKED:
+        return False
+    if n_params <= BATCHED_MAX_PARAMS:
+        return True
+    return num_chains >= BATCHED_MIN_CHAINS and getattr(model_device(model), "type", "cpu") == "cuda"
 
 
 def fits_batched(model: nn.Module, num_chains: int) -> bool:
