@@ -120,6 +120,16 @@ def sgld_step_reference_(
     return flags
 
 
+def each_chain(step_fn, params, grads, anchors, *, seeds, **kw) -> torch.Tensor:
+    """``step_fn`` (a one-chain step, :func:`sgld_step_reference_`'s arguments) on each chain's rows: row ``c`` of
+    ``params`` and ``grads`` with seed ``seeds[c]``, the shared ``anchors`` and ``kw``. Returns the ``(C,
+    len(params))`` int32 flags on the CPU."""
+    flags = torch.zeros((len(seeds), len(params)), dtype=torch.int32)
+    for c, seed in enumerate(seeds):
+        flags[c] = step_fn([p[c] for p in params], [g[c] for g in grads], anchors, seed=seed, **kw)
+    return flags
+
+
 def sgld_chains_step_reference_(
     params,
     grads,
@@ -138,20 +148,18 @@ def sgld_chains_step_reference_(
     """Plain-torch specification of :func:`pypattern.ops.sgld.op.sgld_chains_step_` (inputs already validated):
     chain ``c`` is :func:`sgld_step_reference_` on rows ``c`` of ``params`` and ``grads`` with seed ``seeds[c]``.
     Returns the ``(C, len(params))`` int32 flags."""
-    flags = torch.zeros((len(seeds), len(params)), dtype=torch.int32)
-    for c, seed in enumerate(seeds):
-        flags[c] = sgld_step_reference_(
-            [p[c] for p in params],
-            [g[c] for g in grads],
-            anchors,
-            step_size=step_size,
-            nbeta=nbeta,
-            localization=localization,
-            weight_decay=weight_decay,
-            noise_scale=noise_scale,
-            bounding_box=bounding_box,
-            masks=masks,
-            seed=seed,
-            step=step,
-        )
-    return flags
+    return each_chain(
+        sgld_step_reference_,
+        params,
+        grads,
+        anchors,
+        seeds=seeds,
+        step_size=step_size,
+        nbeta=nbeta,
+        localization=localization,
+        weight_decay=weight_decay,
+        noise_scale=noise_scale,
+        bounding_box=bounding_box,
+        masks=masks,
+        step=step,
+    )

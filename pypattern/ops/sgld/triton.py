@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .._triton_launch import launch_guard
+from .reference import each_chain
 
 # The launch arguments that key the noise stream. Triton specialises an int argument equal to 1 into a constexpr
 # on a GPU (never in the interpreter), and philox_normal bitcasts these with ``.to(...)``, which a constexpr has
@@ -221,21 +222,19 @@ def sgld_chains_step_triton_(
     """Chain ``c``'s rows stepped by :func:`sgld_step_triton_` with seed ``seeds[c]`` (one launch per chain and
     tensor; inputs validated by :func:`pypattern.ops.sgld.op.sgld_chains_step_`). Returns the ``(C, len(params))``
     int32 flags, on the CPU."""
-    flags = torch.zeros((len(seeds), len(params)), dtype=torch.int32)
-    for c, seed in enumerate(seeds):
-        flags[c] = sgld_step_triton_(
-            [p[c] for p in params],
-            [g[c] for g in grads],
-            anchors,
-            step_size=step_size,
-            nbeta=nbeta,
-            localization=localization,
-            weight_decay=weight_decay,
-            noise_scale=noise_scale,
-            bounding_box=bounding_box,
-            masks=masks,
-            seed=seed,
-            step=step,
-            block=block,
-        )
-    return flags
+    return each_chain(
+        sgld_step_triton_,
+        params,
+        grads,
+        anchors,
+        seeds=seeds,
+        step_size=step_size,
+        nbeta=nbeta,
+        localization=localization,
+        weight_decay=weight_decay,
+        noise_scale=noise_scale,
+        bounding_box=bounding_box,
+        masks=masks,
+        step=step,
+        block=block,
+    )
