@@ -377,8 +377,8 @@ def sample(
         Measured per chain-step on a CPU, one thread (``bench/bench_batched_chains.py``, docs/benchmarks.md):
         batched is 1.04-1.34x faster for 4-20 chains of MLPs of 22k and 99k parameters and 1.5-2.6x for a
         10k-parameter transformer, and slower from about 260k parameters on (0.82-0.87x at 263k, 0.45-0.60x at
-        1.05 million). Both give the same draws for the same seed, up to float rounding. Whether the loss runs under vmap is found at the first step
-        (of a run, or of a resumed run): an exception there is checked by calling the loss without vmap for each
+        1.05 million). Both give the same draws for the same seed, up to float rounding. Whether the loss runs
+        under vmap is found at the first step (of a run, or of a resumed run): an exception there is checked by calling the loss without vmap for each
         chain on its batch; one raised there too is the loss function's own and propagates as it is, only one
         that vmap alone meets means "does not run under vmap". Batched chains stack their batches of a step: with
         ``batched=None``, chains whose batches of a step differ in shape (a collate that pads each batch to its
