@@ -1298,7 +1298,13 @@ def token_losses(
         Boolean, the shape of ``losses``: True where the entry counts.
     """
     pb = _on_model(model, parse_batch(batch))
-    logits = read_logits(_output(model, pb, for_loss=True))
+    try:
+        logits = read_logits(_output(model, pb, for_loss=True))
+    except IndexError:
+        # an id out of the model's range (a token id or a position id past its learned positions) fails inside an
+        # embedding lookup: the batch's checks name what is out of range
+        check_batch(model, batch, "batch")
+        raise
     if pb.is_lm:
         _refuse_preshifted(pb)
     terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target, pb.inputs)

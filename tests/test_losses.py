@@ -597,3 +597,24 @@ def test_under_vmap_over_stacked_dict_batches(fn):
         losses.check_batch_values(_NoMask(), {"input_ids": left_ids, "attention_mask": left_am}, "loader")
     with pytest.raises(ValueError, match="must hold 1"):
         losses.check_batch_values(_tf(), {"input_ids": ids, "attention_mask": am * 2}, "loader")
+
+
+@needs_hf
+@pytest.mark.parametrize("fn", [token_losses, sample_losses, probe_losses])
+def test_per_token_losses_name_ids_out_of_a_hugging_face_models_range(fn):
+    """GPT-2 looks every position id and token id up in an embedding: ids out of range get the batch's error
+    naming the id and the range, not the embedding's bare IndexError; ids in range give the losses as before."""
+    model = _hf("gpt2")  # 16 learned positions, V token ids
+    x = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(6).expand(2, 6)
+    with pytest.raises(ValueError, match=r"batch: position_ids reach 17, but GPT2LMHeadModel has 16 learned"):
+        fn(model, {"input_ids": x, "position_ids": pos + 11})
+    with pytest.raises(ValueError, match=r"batch\['position_ids'\] contains -2 \(row 0, column 0\)"):
+        fn(model, {"input_ids": x, "position_ids": pos - 2})
+    with pytest.raises(ValueError, match=rf"contains token id {V}; valid ids are 0 \.\. {V - 1}"):
+        fn(model, {"input_ids": torch.where(x == x[0, 0], V, x)})
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731 (token_losses: with its mask)
+    shifted = first(fn(model, {"input_ids": x, "position_ids": pos + 10}))  # the last learned position is 15
+    plain = first(fn(model, {"input_ids": x}))
+    assert shifted.shape == plain.shape and torch.isfinite(shifted).all()
+    assert not torch.equal(shifted, plain)
