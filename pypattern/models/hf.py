@@ -13,6 +13,7 @@ installed; the adapters need only a model object.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import warnings
 import weakref
@@ -179,6 +180,11 @@ class HFArch:
         The norms after the attention and after the MLP (Gemma 2 / 3's sandwich norms, OLMo 2 / 3's only norms),
         relative to a layer (components ``blocks.{l}.ln1_post`` / ``ln2_post``, as the converted model names them);
         None: the layer has none.
+    generic : bool
+        Read off the model by :func:`generic_hf_arch` for a family not in :data:`HF_ARCHS`: only the residual
+        stream between layers is known (``attn``, ``mlp`` and the norms inside a layer are empty), so the adapter
+        has residual-stream hook points only (``hook_embed``, ``hook_resid_pre``, ``hook_resid_post``, and
+        ``ln_final.hook_normalized`` when the final norm was found).
     """
 
     model_type: str
@@ -201,9 +207,12 @@ class HFArch:
     experts: str | None = None
     ln1_post: str | None = None
     ln2_post: str | None = None
+    generic: bool = False
 
     def parallel(self, config: Any) -> bool:
         """True when attention and MLP both read the layer input (:attr:`parallel_residual`)."""
+        if self.generic:
+            return True  # nothing is known of the layer's inside: no hook_resid_mid
         if isinstance(self.parallel_residual, str):
             return bool(getattr(config, self.parallel_residual, False))
         return self.parallel_residual
@@ -339,8 +348,10 @@ HF_ARCHS: dict[str, HFArch] = {
 }
 
 
-def hf_arch(model: nn.Module) -> HFArch:
-    """The :class:`HFArch` of a Hugging Face causal LM, chosen by ``model.config.model_type``.
+def hf_arch(model: nn.Module, generic: bool = True) -> HFArch:
+    """The :class:`HFArch` of a Hugging Face causal LM, chosen by ``model.config.model_type``; for a family not in
+    :data:`HF_ARCHS` that :func:`~pypattern.from_hf` does not convert either, the residual-stream layout
+    :func:`generic_hf_arch` reads off the model (``generic=False``: refused instead).
 
     Raises
     ------
@@ -364,15 +375,19 @@ def hf_arch(model: nn.Module) -> HFArch:
     if mt not in HF_ARCHS:
         from .convert import SUPPORTED_CLASSES, UnsupportedModelError
 
-        hint = (
-            f"; {type(model).__name__} converts exactly: use pypattern.from_hf(model), which every estimator takes"
-            if type(model).__name__ in SUPPORTED_CLASSES
-            else ""
-        )
-        raise UnsupportedModelError(
-            f"model_type={mt!r} ({type(model).__name__}) is not supported by the native adapter; supported: "
-            f"{', '.join(sorted(HF_ARCHS))}{hint}"
-        )
+        if type(model).__name__ in SUPPORTED_CLASSES:
+            raise UnsupportedModelError(
+                f"model_type={mt!r} ({type(model).__name__}) is not supported by the native adapter; supported: "
+                f"{', '.join(sorted(HF_ARCHS))}; {type(model).__name__} converts exactly: use "
+                "pypattern.from_hf(model), which every estimator takes"
+            )
+        if not generic:
+            raise UnsupportedModelError(
+                f"model_type={mt!r} ({type(model).__name__}) has no layout of its own in the native adapter "
+                f"(supported: {', '.join(sorted(HF_ARCHS))}); its residual stream alone is read by "
+                "pypattern.hooked_hf(model)"
+            )
+        return generic_hf_arch(model)
     arch = HF_ARCHS[mt]
     if not hasattr(model, arch.base):
         raise ValueError(
@@ -384,6 +399,154 @@ def hf_arch(model: nn.Module) -> HFArch:
             "GPT-2 with add_cross_attention=True is not supported (a decoder-only model is needed)"
         )
     return arch
+
+
+# the attribute names Hugging Face decoders give the norm after their last layer
+_FINAL_NORM_NAMES = (
+    "norm",
+    "norm_f",
+    "ln_f",
+    "final_layernorm",
+    "final_layer_norm",
+    "final_norm",
+    "ln_final",
+)
+
+
+def _config_layers(config: Any) -> int | None:
+    """The number of decoder layers a Hugging Face config states (its text config's, for a multimodal one)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        n = getattr(text, key, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def generic_hf_arch(model: nn.Module) -> HFArch:
+    """The residual-stream layout of a Hugging Face causal LM of a family not in :data:`HF_ARCHS` (Mamba,
+    CodeGen, Cohere, MPT, ...), read off the model: the decoder (``model.base_model_prefix``), its one
+    ``nn.ModuleList`` of ``config.num_hidden_layers`` layers, the input embedding module
+    (``get_input_embeddings()``) and, when the decoder has one under a usual name (``norm``, ``norm_f``, ``ln_f``,
+    ``final_layernorm``, ...), the final norm. Nothing inside a layer is read: the adapter built on it has
+    ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and ``ln_final.hook_normalized``, and
+    :func:`hooked_hf` checks on a forward of two tokens that the layers run one after another on the residual
+    stream (each layer's input the previous one's output) before it hands the adapter out.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the layout cannot be read: no decoder under ``base_model_prefix``, no single list of the stated
+        number of layers in it, or the input embedding outside it.
+    """
+    from .convert import UnsupportedModelError
+
+    mt = model.config.model_type
+    what = f"model_type={mt!r} ({type(model).__name__}) has no layout of its own in the native adapter and"
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        raise UnsupportedModelError(
+            f"{what} holds no decoder under its base_model_prefix ({prefix!r}): its residual stream cannot be read; "
+            f"give a model of a supported family ({', '.join(sorted(HF_ARCHS))})"
+        )
+    n = _config_layers(model.config)
+    lists = [k for k, m in base.named_children() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if n is None or len(lists) != 1:
+        raise UnsupportedModelError(
+            f"{what} its decoder ({prefix!r}) holds {len(lists)} lists of the {n} layers its config states "
+            "(one is needed): its residual stream cannot be read"
+        )
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed = next((k for k, m in base.named_modules() if m is emb and k), None)
+    if embed is None:
+        raise UnsupportedModelError(f"{what} its input embedding is not a module of its decoder ({prefix!r})")
+    children = dict(base.named_children())
+    norm = next((k for k in _FINAL_NORM_NAMES if isinstance(children.get(k), nn.Module)), None)
+    return HFArch(mt, prefix, embed, None, lists[0], "", "", None, None, norm or "", "", generic=True)
+
+
+def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HFArch:
+    """Run ``model`` on two tokens and check that its layers form a residual stream as :func:`generic_hf_arch`
+    read it: layer ``l + 1``'s input is layer ``l``'s output (element 0 of a tuple), the hidden states have
+    one width, and the final norm (when found) reads the last layer's output; a final norm that does not is left
+    out (``ln_final`` empty). Raises :class:`~pypattern.models.convert.UnsupportedModelError` otherwise."""
+    from .convert import UnsupportedModelError
+
+    layers = _get(model, f"{arch.base}.{arch.layers}")
+    seen: dict[str, list] = {"in": [None] * n_layers, "out": [None] * n_layers, "norm": []}
+
+    def first(x: Any) -> Any:
+        return x[0] if isinstance(x, tuple) and x else x
+
+    def pre(i: int):
+        def fn(mod, args, kwargs):
+            seen["in"][i] = first(args) if args else kwargs.get("hidden_states")
+
+        return fn
+
+    def post(i: int):
+        def fn(mod, args, out):
+            seen["out"][i] = first(out)
+
+        return fn
+
+    def norm_in(name: str):
+        def fn(mod, args, kwargs):
+            seen["norm"].append((name, first(args) if args else next(iter(kwargs.values()), None)))
+
+        return fn
+
+    children = dict(_get(model, arch.base).named_children())
+    norms = [k for k in _FINAL_NORM_NAMES if isinstance(children.get(k), nn.Module)]
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(post(i)))
+        for k in norms:
+            handles.append(children[k].register_forward_pre_hook(norm_in(k), with_kwargs=True))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+        finally:
+            model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    ins, outs = seen["in"], seen["out"]
+    why = None
+    if any(not isinstance(t, torch.Tensor) for t in ins + outs):
+        why = "a layer was not run, or its hidden states are not a tensor (its first input and output)"
+    elif len({tuple(t.shape) for t in ins + outs}) != 1:
+        why = "its layers' inputs and outputs differ in shape"
+    else:
+        bad = [i for i in range(n_layers - 1) if not torch.equal(outs[i], ins[i + 1])]
+        if bad:
+            why = f"layer {bad[0] + 1}'s input is not layer {bad[0]}'s output"
+    if why is not None:
+        raise UnsupportedModelError(
+            f"model_type={arch.model_type!r} ({type(model).__name__}) has no layout of its own in the native "
+            f"adapter, and its layers ({arch.base}.{arch.layers}) do not carry one residual stream: {why}; give "
+            f"a model of a supported family ({', '.join(sorted(HF_ARCHS))})"
+        )
+    # the final norm: the first module of a usual name that runs once, on the last layer's output
+    calls = [k for k, _ in seen["norm"]]
+    final = next(
+        (
+            k
+            for k in norms
+            if calls.count(k) == 1
+            and isinstance(x := dict(seen["norm"])[k], torch.Tensor)
+            and x.shape == outs[-1].shape
+            and torch.equal(x, outs[-1])
+        ),
+        "",
+    )
+    return dataclasses.replace(arch, ln_final=final)
 
 
 def _is_hf_lm(module: nn.Module) -> bool:
@@ -447,8 +610,9 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
-def hf_hook_points(model: nn.Module) -> dict[str, str]:
-    """TransformerLens hook names -> module paths (relative to ``model``) of a supported Hugging Face causal LM.
+def hf_hook_points(model: nn.Module, arch: HFArch | None = None) -> dict[str, str]:
+    """TransformerLens hook names -> module paths (relative to ``model``) of a supported Hugging Face causal LM
+    (``arch``: its layout, by default :func:`hf_arch`'s; a generic layout has the residual stream's points only).
 
     ``hook_embed`` (and ``hook_pos_embed`` for GPT-2) are the embedding modules' outputs;
     ``blocks.{l}.hook_resid_pre`` is the input of layer ``l``, ``hook_resid_post`` its output,
@@ -458,7 +622,7 @@ def hf_hook_points(model: nn.Module) -> dict[str, str]:
     module's input or output; :func:`hooked_hf` adds it (see there).
     """
     model, prefix = unwrap_hf(model)
-    arch = hf_arch(model)
+    arch = hf_arch(model) if arch is None else arch
     b = f"{prefix}{arch.base}"
     pts = {"hook_embed": f"{b}.{arch.embed}"}
     if arch.pos_embed:
@@ -466,10 +630,12 @@ def hf_hook_points(model: nn.Module) -> dict[str, str]:
     for layer in range(_n_layers(model, arch)):
         h = f"{b}.{arch.layers}.{layer}"
         pts[f"blocks.{layer}.hook_resid_pre"] = f"{h}:input"
-        pts[f"blocks.{layer}.hook_attn_out"] = f"{h}.{arch.attn_write or arch.attn}"
-        pts[f"blocks.{layer}.hook_mlp_out"] = f"{h}.{arch.mlp_write or arch.mlp}"
+        if not arch.generic:
+            pts[f"blocks.{layer}.hook_attn_out"] = f"{h}.{arch.attn_write or arch.attn}"
+            pts[f"blocks.{layer}.hook_mlp_out"] = f"{h}.{arch.mlp_write or arch.mlp}"
         pts[f"blocks.{layer}.hook_resid_post"] = h
-    pts["ln_final.hook_normalized"] = f"{b}.{arch.ln_final}"
+    if arch.ln_final:
+        pts["ln_final.hook_normalized"] = f"{b}.{arch.ln_final}"
     return pts
 
 
@@ -543,12 +709,15 @@ class HookedHF(HookedModule):
         model, _ = unwrap_hf(model)
         arch = hf_arch(model)
         n_layers = _n_layers(model, arch)
-        pts = {k: "model." + v for k, v in hf_hook_points(model).items()}
+        if arch.generic:
+            arch = _check_generic_residual(model, arch, n_layers)
+        pts = {k: "model." + v for k, v in hf_hook_points(model, arch).items()}
         pos = pts.pop("hook_pos_embed", None)
         super().__init__(_HFLogits(model), pts, n_layers=n_layers)
         self.arch = arch
         self.config = model.config
-        self._padding_kept_finite(model, n_layers)
+        if not arch.generic:  # the generic layout does not know the attention modules
+            self._padding_kept_finite(model, n_layers)
         if pos is not None:
             self._add_pos_embed(model)
         self.has_resid_mid = not arch.parallel(model.config)
@@ -560,6 +729,12 @@ class HookedHF(HookedModule):
 
     def _wrapped_copy(self, module: nn.Module) -> HookedHF:
         return HookedHF(module.model)
+
+    @property
+    def generic(self) -> bool:
+        """Whether the model's family has no layout of its own here (:func:`generic_hf_arch`): residual-stream
+        hook points only."""
+        return self.arch.generic
 
     @property
     def hf_model(self) -> nn.Module:
@@ -856,7 +1031,11 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
     ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``smollm3``, ``seed_oss``, ``helium``,
     ``ernie4_5``, ``gpt_bigcode`` and the mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
-    (``hook_mlp_out`` is the sparse block's output). Nothing is
+    (``hook_mlp_out`` is the sparse block's output). A causal LM of another family that
+    :func:`~pypattern.from_hf` does not convert either (Mamba, CodeGen, Cohere, MPT, ...) gets the residual stream
+    alone (:func:`generic_hf_arch`): ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and, when
+    its final norm is found, ``ln_final.hook_normalized``, once a forward of two tokens has shown that its layers
+    run one after another on one residual stream (else it is refused). Nothing is
     converted or copied: hooks sit on the model's own modules. A wrapper holding the model unchanged is looked
     through (:func:`unwrap_hf`: ``torch.compile``, ``nn.DataParallel``, a PEFT-style ``.base_model``): the hooks sit
     on the model inside and the adapter runs it; a wrapper with parameters of its own is refused.

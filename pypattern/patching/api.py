@@ -104,7 +104,7 @@ class PatchingRuns:
 
 def _hooked_if_hf(model):
     """A Hugging Face causal LM (an object with ``config.model_type`` and input embeddings) wrapped by
-    :func:`~pypattern.models.hooked_hf` (which refuses, by name, a family it has no adapter for); a TransformerLens
+    :func:`~pypattern.models.hooked_hf` (a family it has no layout for, by its residual stream alone); a TransformerLens
     ``HookedTransformer`` or bridge, or a Hugging Face model of a family the adapter does not cover but the converters do,
     converted with :func:`~pypattern.from_hf` (a HookedTransformer that does not convert runs through its own
     hooks); any other model as it is."""
@@ -143,6 +143,19 @@ def _hooked_if_hf(model):
     ):
         return from_hf(inner)  # no native adapter (OPT, Granite, BLOOM, Falcon): the same function, converted
     return hooked_hf(model)
+
+
+def _generic_note(model) -> str | None:
+    """For a Hugging Face model adapted by its residual stream alone (:func:`~pypattern.models.hf.generic_hf_arch`),
+    what the adapter reads, for an error about a site it does not have; None for any other model."""
+    arch = getattr(model, "arch", None)
+    if not getattr(arch, "generic", False):
+        return None
+    sites = sorted({n.split(".hook_")[-1] for n in model.hook_dict if n.startswith("blocks.")})
+    return (
+        f"model_type={arch.model_type!r} has no layout of its own in pypattern.hooked_hf, which reads its residual "
+        f"stream only (sites {', '.join(sites)})"
+    )
 
 
 def _layers(model) -> int:
@@ -1080,7 +1093,9 @@ def activation_patching(
         Head sites (``z``, ``q``, ``k``, ``v``, ``pattern``) need pypattern's :class:`~pypattern.models.Transformer`;
         a :class:`~pypattern.models.HookedModule` supports the residual sites it has hook points for; a Hugging
         Face model of a family :func:`~pypattern.models.hooked_hf` adapts is wrapped by it (residual sites, one
-        forward per cell; convert it with :func:`~pypattern.from_hf` for head sites and the exact engine).
+        forward per cell; convert it with :func:`~pypattern.from_hf` for head sites and the exact engine); one of a
+        family neither adapted nor converted (Mamba, CodeGen, Cohere, MPT, ...) by its residual stream alone
+        (``resid_pre``, ``resid_post``).
     site : str
         ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``, ``q``, ``k``, ``v``,
         ``pattern`` (per position: the query position). ``q`` and ``k`` are the queries and keys before the
@@ -1497,7 +1512,11 @@ def _activation_patching(
     n_layers = _layers(model)
     n_heads = site_heads(model.cfg, site) if is_tf else 0
     if site in HEAD_SITES and not is_tf:
-        raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
+        note = _generic_note(model)
+        raise ValueError(
+            f"site={site!r} needs pypattern's Transformer (per-head hook points)"
+            + (f"; {note}" if note else "")
+        )
     limit = position_limit(model)
     B, T = check_tokens(
         clean_tokens, "clean_tokens", _vocab(model), n_ctx=None if attention_mask is not None else limit
@@ -1521,9 +1540,9 @@ def _activation_patching(
     if available is not None:
         missing = [h for h in site_hooks if h not in available]
         if missing:
+            why = _generic_note(model) or "a model with attention and MLP in parallel has no resid_mid"
             raise ValueError(
-                f"site={site!r} does not exist in this model: it has no hook point {missing[0]!r} (a model with "
-                "attention and MLP in parallel has no resid_mid)"
+                f"site={site!r} does not exist in this model: it has no hook point {missing[0]!r} ({why})"
             )
     warn_if_no_op("activation_patching", clean_tokens, corrupted_tokens, corruption, metric, keep)
     if method == "naive":

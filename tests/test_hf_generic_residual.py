@@ -1,0 +1,212 @@
+"""hooked_hf on Hugging Face causal LMs of families with no layout of their own in the adapter and no converter
+(Mamba, CodeGen, Cohere, MPT): the residual stream read off the model (generic_hf_arch), checked against the
+model's own output_hidden_states, and residual-site patching against a naive loop of forward hooks written here."""
+
+import pytest
+import torch
+
+from pypattern import activation_patching, hooked_hf
+from pypattern.models.hf import HAS_TRANSFORMERS, generic_hf_arch, hf_arch
+from pypattern.patching.metrics import LogitDiff
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+V = 41
+
+
+def _model(kind: str):
+    import transformers as tr
+
+    torch.manual_seed(3)
+    cfg = {
+        "mamba": lambda: tr.MambaConfig(
+            vocab_size=V, hidden_size=16, num_hidden_layers=3, state_size=4, expand=2
+        ),
+        "codegen": lambda: tr.CodeGenConfig(
+            vocab_size=V, n_embd=24, n_layer=3, n_head=3, n_positions=32, rotary_dim=4
+        ),
+        "cohere": lambda: tr.CohereConfig(
+            vocab_size=V,
+            hidden_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            max_position_embeddings=32,
+        ),  # fmt: skip
+        "mpt": lambda: tr.MptConfig(vocab_size=V, d_model=24, n_layers=3, n_heads=4, max_seq_len=32),
+    }[kind]()
+    return tr.AutoModelForCausalLM.from_config(cfg).double().eval()
+
+
+KINDS = ["mamba", "codegen", "cohere", "mpt"]
+BASE = {"mamba": ("backbone", "layers", "norm_f"), "codegen": ("transformer", "h", "ln_f"),
+        "cohere": ("model", "layers", "norm"), "mpt": ("transformer", "blocks", "norm_f")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hook_points_are_the_models_own_hidden_states(kind):
+    model = _model(kind)
+    arch = hf_arch(model)
+    assert arch.generic and (arch.base, arch.layers, arch.ln_final) == BASE[kind]
+    assert generic_hf_arch(model) == arch
+    hm = hooked_hf(model)
+    L = 3
+    want = {"hook_embed", "ln_final.hook_normalized"}
+    want |= {f"blocks.{i}.hook_{s}" for i in range(L) for s in ("resid_pre", "resid_post")}
+    assert set(hm.hook_dict) == want and hm.generic
+    x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits, cache = hm.run_with_cache(x)
+    with torch.no_grad():
+        out = model(input_ids=x, output_hidden_states=True, use_cache=False)
+    hs = out.hidden_states
+    assert len(hs) == L + 1
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=0)
+    # Hugging Face's hidden states: each layer's input and the final norm's output; Mamba's: each layer's output
+    point = "resid_post" if kind == "mamba" else "resid_pre"
+    for i in range(L):
+        torch.testing.assert_close(cache[f"blocks.{i}.hook_{point}"], hs[i], rtol=0, atol=0)
+    for i in range(L - 1):
+        torch.testing.assert_close(
+            cache[f"blocks.{i}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"]
+        )
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], hs[-1], rtol=0, atol=0)
+    torch.testing.assert_close(cache["hook_embed"], model.get_input_embeddings()(x), rtol=0, atol=0)
+
+
+def _naive(model, layer_mod, clean, corrupted, metric, pre: bool):
+    """Denoising by hand: the corrupted prompts run with one position of the layer's input (``pre``) or output
+    replaced by the clean run's; metric per example, grid ``(layers, positions)``."""
+    layers = list(layer_mod)
+    B, T = clean.shape
+    saved = {}
+
+    def grab(i):
+        def fn(mod, args, kwargs, out=None):
+            h = (
+                (args[0] if args else kwargs["hidden_states"])
+                if pre
+                else (out[0] if isinstance(out, tuple) else out)
+            )
+            saved[i] = h.detach().clone()
+
+        return fn
+
+    hs = [
+        (lay.register_forward_pre_hook(grab(i), with_kwargs=True) if pre else lay.register_forward_hook(grab(i), with_kwargs=True))
+        for i, lay in enumerate(layers)
+    ]  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=clean, use_cache=False)
+    for h in hs:
+        h.remove()
+    vals = torch.empty(B, len(layers), T, dtype=torch.float64)
+    for i, lay in enumerate(layers):
+        for p in range(T):
+
+            def patch_pre(mod, args, kwargs, i=i, p=p):
+                x = args[0].clone()
+                x[:, p] = saved[i][:, p]
+                return (x, *args[1:]), kwargs
+
+            def patch_post(mod, args, kwargs, out, i=i, p=p):
+                a = (out[0] if isinstance(out, tuple) else out).clone()
+                a[:, p] = saved[i][:, p]
+                return (a, *out[1:]) if isinstance(out, tuple) else a
+
+            h = (
+                lay.register_forward_pre_hook(patch_pre, with_kwargs=True)
+                if pre
+                else lay.register_forward_hook(patch_post, with_kwargs=True)
+            )
+            with torch.no_grad():
+                vals[:, i, p] = metric(model(input_ids=corrupted, use_cache=False).logits[:, -1])
+            h.remove()
+    return vals
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("site", ["resid_pre", "resid_post"])
+def test_residual_patching_equals_a_naive_loop_of_forward_hooks(kind, site):
+    model = _model(kind)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, V, (3, 6), generator=g)
+    corrupted = torch.randint(0, V, (3, 6), generator=g)
+    metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+    r = activation_patching(model, site, clean, corrupted, metric=metric, quiet=True)
+    base, layers, _ = BASE[kind]
+    want = _naive(
+        model, model.get_submodule(f"{base}.{layers}"), clean, corrupted, metric, site == "resid_pre"
+    )
+    assert tuple(r.values.shape) == (3, 3, 6)
+    torch.testing.assert_close(r.values.double(), want, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(want[:, 0, 0], want[:, 0, 1])  # the patches differ: the loop measured something
+
+
+@pytest.mark.parametrize("site", ["attn_out", "mlp_out", "z", "resid_mid"])
+def test_sites_inside_a_layer_are_refused_naming_the_residual_sites(site):
+    model = _model("cohere")
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    with pytest.raises(
+        ValueError, match=r"model_type='cohere' has no layout of its own .*sites resid_post, resid_pre"
+    ):
+        activation_patching(model, site, x, x.flip(0), metric=metric, quiet=True)
+
+
+def test_layers_that_do_not_carry_one_residual_stream_are_refused():
+    """A model whose layer 1 reads something other than layer 0's output (here a hook of the user's doubling it)
+    has no residual stream the adapter could read: refused, naming the layer, never an approximate adapter."""
+    from pypattern.models.convert import UnsupportedModelError
+
+    model = _model("mamba")
+    h = model.backbone.layers[1].register_forward_pre_hook(lambda mod, args: (2 * args[0], *args[1:]))
+    try:
+        with pytest.raises(
+            UnsupportedModelError, match=r"do not carry one residual stream: layer 1's input is not layer 0's"
+        ):
+            hooked_hf(model)
+    finally:
+        h.remove()
+    assert hooked_hf(model).generic  # as it is, the model is adapted
+
+
+def test_the_final_norm_is_the_one_that_reads_the_last_layers_output():
+    """``ln_final.hook_normalized`` sits on the first module of a usual norm name that runs once on the last
+    layer's output, and is left out when none does."""
+    import torch.nn as nn
+
+    model = _model("codegen")
+    model.transformer.norm = nn.LayerNorm(24).double()  # found first by name, but never run
+    hm = hooked_hf(model)
+    assert hm.arch.ln_final == "ln_f" and "ln_final.hook_normalized" in hm.hook_dict
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(4))
+    _, cache = hm.run_with_cache(x)
+    with torch.no_grad():
+        hs = model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], hs[-1], rtol=0, atol=0)
+    model = _model("codegen")
+    model.transformer.ln_f = nn.Sequential(nn.Linear(24, 24).double(), nn.LayerNorm(24).double())
+    model.transformer.ln_f[1].register_forward_pre_hook(lambda mod, args: None)
+    hm = hooked_hf(
+        model
+    )  # ln_f now reads the last layer's output through a Linear first: still the module run
+    assert hm.arch.ln_final == "ln_f"
+    model.transformer.norm_f = model.transformer.ln_f[
+        1
+    ]  # the inner norm, also by a usual name: runs on another input
+    del model.transformer.ln_f
+    model.transformer.ln_f = nn.Sequential(nn.Linear(24, 24).double(), model.transformer.norm_f)
+    hm = hooked_hf(model)
+    assert hm.arch.ln_final == "ln_f"  # norm_f runs on the Linear's output: not the final norm
+    assert set(hm.hook_dict) >= {"ln_final.hook_normalized", "blocks.2.hook_resid_post"}
+    model = _model(
+        "codegen"
+    )  # ln_f reads the last layer's output shifted (a hook of the user's): no final norm
+    model.transformer.ln_f.register_forward_pre_hook(lambda mod, args: (args[0] + 1,))
+    hm = hooked_hf(model)
+    assert hm.arch.ln_final == "" and "ln_final.hook_normalized" not in hm.hook_dict
+    assert "blocks.2.hook_resid_post" in hm.hook_dict
