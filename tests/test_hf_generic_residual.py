@@ -38,13 +38,20 @@ def _model(kind: str):
             max_position_embeddings=32,
         ),  # fmt: skip
         "mpt": lambda: tr.MptConfig(vocab_size=V, d_model=24, n_layers=3, n_heads=4, max_seq_len=32),
+        # GPT-1: post-norm layers that return a list, no final norm
+        "openai-gpt": lambda: tr.OpenAIGPTConfig(
+            vocab_size=V, n_embd=24, n_layer=3, n_head=3, n_positions=32
+        ),
+        # XLNet: hidden states (pos, batch, d_model)
+        "xlnet": lambda: tr.XLNetConfig(vocab_size=V, d_model=24, n_layer=3, n_head=3, d_inner=40),
     }[kind]()
     return tr.AutoModelForCausalLM.from_config(cfg).double().eval()
 
 
-KINDS = ["mamba", "codegen", "cohere", "mpt"]
+KINDS = ["mamba", "codegen", "cohere", "mpt", "openai-gpt"]
 BASE = {"mamba": ("backbone", "layers", "norm_f"), "codegen": ("transformer", "h", "ln_f"),
-        "cohere": ("model", "layers", "norm"), "mpt": ("transformer", "blocks", "norm_f")}  # fmt: skip
+        "cohere": ("model", "layers", "norm"), "mpt": ("transformer", "blocks", "norm_f"),
+        "openai-gpt": ("transformer", "h", "")}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -55,7 +62,7 @@ def test_hook_points_are_the_models_own_hidden_states(kind):
     assert generic_hf_arch(model) == arch
     hm = hooked_hf(model)
     L = 3
-    want = {"hook_embed", "ln_final.hook_normalized"}
+    want = {"hook_embed"} | ({"ln_final.hook_normalized"} if BASE[kind][2] else set())
     want |= {f"blocks.{i}.hook_{s}" for i in range(L) for s in ("resid_pre", "resid_post")}
     assert set(hm.hook_dict) == want and hm.generic
     x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -65,10 +72,14 @@ def test_hook_points_are_the_models_own_hidden_states(kind):
     hs = out.hidden_states
     assert len(hs) == L + 1
     torch.testing.assert_close(logits, out.logits, rtol=0, atol=0)
-    # Hugging Face's hidden states: each layer's input and the final norm's output; Mamba's: each layer's output
+    # Hugging Face's hidden states: each layer's input and the final norm's output (GPT-1, which has none: the last
+    # layer's output); Mamba's: each layer's output
     point = "resid_post" if kind == "mamba" else "resid_pre"
     for i in range(L):
         torch.testing.assert_close(cache[f"blocks.{i}.hook_{point}"], hs[i], rtol=0, atol=0)
+    if not BASE[kind][2]:
+        torch.testing.assert_close(cache[f"blocks.{L - 1}.hook_resid_post"], hs[-1], rtol=0, atol=0)
+        return
     for i in range(L - 1):
         torch.testing.assert_close(
             cache[f"blocks.{i}.hook_resid_post"], cache[f"blocks.{i + 1}.hook_resid_pre"]
@@ -89,7 +100,7 @@ def _naive(model, layer_mod, clean, corrupted, metric, pre: bool):
             h = (
                 (args[0] if args else kwargs["hidden_states"])
                 if pre
-                else (out[0] if isinstance(out, tuple) else out)
+                else (out[0] if isinstance(out, tuple | list) else out)
             )
             saved[i] = h.detach().clone()
 
@@ -113,8 +124,10 @@ def _naive(model, layer_mod, clean, corrupted, metric, pre: bool):
                 return (x, *args[1:]), kwargs
 
             def patch_post(mod, args, kwargs, out, i=i, p=p):
-                a = (out[0] if isinstance(out, tuple) else out).clone()
+                a = (out[0] if isinstance(out, tuple | list) else out).clone()
                 a[:, p] = saved[i][:, p]
+                if isinstance(out, list):  # GPT-1's layers return a list
+                    return [a, *out[1:]]
                 return (a, *out[1:]) if isinstance(out, tuple) else a
 
             h = (
@@ -155,6 +168,16 @@ def test_sites_inside_a_layer_are_refused_naming_the_residual_sites(site):
         ValueError, match=r"model_type='cohere' has no layout of its own .*sites resid_post, resid_pre"
     ):
         activation_patching(model, site, x, x.flip(0), metric=metric, quiet=True)
+
+
+def test_hidden_states_laid_out_position_first_are_refused():
+    """XLNet's layers carry ``(pos, batch, d_model)``: a patch at a position would index the batch; refused."""
+    from pypattern.models.convert import UnsupportedModelError
+
+    with pytest.raises(
+        UnsupportedModelError, match=r"hidden states have shape \(2, 1, 24\) .*not \(batch, pos"
+    ):
+        hooked_hf(_model("xlnet"))
 
 
 def test_layers_that_do_not_carry_one_residual_stream_are_refused():
@@ -210,3 +233,125 @@ def test_the_final_norm_is_the_one_that_reads_the_last_layers_output():
     hm = hooked_hf(model)
     assert hm.arch.ln_final == "" and "ln_final.hook_normalized" not in hm.hook_dict
     assert "blocks.2.hook_resid_post" in hm.hook_dict
+
+
+def _first_order_by_hand(model, layer_mod, src, tgt, metric, pre: bool):
+    """AtP computed independently: the layers' inputs (``pre``) or outputs on the source run, and the metric's
+    gradient at them on the target run by autograd through forward hooks; ``(B, layers, pos)``."""
+    layers = list(layer_mod)
+    acts = {}
+
+    def keep(i, grad: bool):
+        def fn(mod, args, kwargs, out=None):
+            h = (
+                (args[0] if args else kwargs["hidden_states"])
+                if pre
+                else (out[0] if isinstance(out, tuple | list) else out)
+            )
+            if grad:
+                h.retain_grad()
+            acts[i] = h
+
+        return fn
+
+    def run(tokens, grad):
+        hs = [
+            (lay.register_forward_pre_hook(keep(i, grad), with_kwargs=True) if pre else lay.register_forward_hook(keep(i, grad), with_kwargs=True))
+            for i, lay in enumerate(layers)
+        ]  # fmt: skip
+        try:
+            with torch.enable_grad():
+                emb = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+                m = metric(model(inputs_embeds=emb, use_cache=False).logits[:, -1])
+        finally:
+            for h in hs:
+                h.remove()
+        return m, dict(acts)
+
+    _, a_src = run(src, False)
+    m, a_tgt = run(tgt, True)
+    m.sum().backward()
+    return torch.stack(
+        [((a_src[i].detach() - a_tgt[i].detach()) * a_tgt[i].grad).sum(-1) for i in range(len(layers))], 1
+    )
+
+
+@pytest.mark.parametrize("kind", ["mamba", "cohere", "openai-gpt"])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_attribution_patching_at_residual_sites_equals_autograd_through_forward_hooks(kind, direction):
+    from pypattern import attribution_patching
+
+    model = _model(kind)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randint(0, V, (3, 6), generator=g)
+    corrupted = torch.randint(0, V, (3, 6), generator=g)
+    metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+    out = attribution_patching(
+        model, clean, corrupted, metric=metric, sites=["resid_pre", "resid_post"], direction=direction
+    )
+    base, layers, _ = BASE[kind]
+    mod = model.get_submodule(f"{base}.{layers}")
+    src, tgt = (clean, corrupted) if direction == "denoising" else (corrupted, clean)
+    with torch.no_grad():
+        m_tgt = metric(model(input_ids=tgt, use_cache=False).logits[:, -1])
+        m_clean = metric(model(input_ids=clean, use_cache=False).logits[:, -1])
+    for site in ("resid_pre", "resid_post"):
+        r = out[site]
+        assert r.method == "atp" and r.axes == ("layer", "pos") and tuple(r.values.shape) == (3, 3, 6)
+        want = _first_order_by_hand(model, mod, src, tgt, metric, site == "resid_pre")
+        torch.testing.assert_close(r.values - m_tgt[:, None, None], want, rtol=1e-9, atol=1e-12)
+        assert float(want.abs().max()) > 1e-3  # the estimates are not all zero
+        torch.testing.assert_close(r.clean, m_clean, rtol=1e-12, atol=1e-12)
+    assert all(not p.requires_grad for p in model.parameters())  # left as the caller had them
+    one = attribution_patching(
+        model, clean, corrupted, metric=metric, sites="resid_pre", per_position=False, direction=direction
+    )["resid_pre"]
+    assert one.axes == ("layer",) and tuple(one.values.shape) == (3, 3)
+    # a whole layer's estimate is the sum of its positions'
+    torch.testing.assert_close(
+        one.values - m_tgt[:, None],
+        (out["resid_pre"].values - m_tgt[:, None, None]).sum(-1),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sites": "attn_out"}, r"no hook point 'blocks.0.hook_attn_out' \(model_type='mamba' has no layout"),
+        ({"sites": "z"}, r"no hook point 'blocks.0.attn.hook_z'"),
+        ({"qk_fix": True}, r"qk_fix=True needs pypattern's Transformer"),
+        ({"grad_drop": True}, r"grad_drop=True needs pypattern's Transformer"),
+        (
+            {"attention_mask": torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])},
+            r"attention_mask: .* without a mask",
+        ),
+        ({"max_batch": 1}, r"max_batch=1: .* in one forward and backward"),
+        ({"max_memory": 2**20}, r"max_memory=1048576: .* in one forward and backward"),
+    ],
+)
+def test_attribution_patching_on_a_generic_model_refuses_what_it_cannot_do(kwargs, message):
+    from pypattern import attribution_patching
+
+    model = _model("mamba")
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(6))
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    kw = {"sites": "resid_pre", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        attribution_patching(model, x, x.flip(0), metric=metric, **kw)
+
+
+def test_attribution_patching_on_a_generic_model_refuses_ablations():
+    from pypattern import attribution_patching
+    from pypattern.patching.corruptions import ZeroAblation
+
+    model = _model("cohere")
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match=r"corruption=ZeroAblation: .* from corrupted prompts only"):
+        attribution_patching(
+            model, x, metric=metric, sites="resid_pre", corruption=ZeroAblation(), direction="noising"
+        )

@@ -183,6 +183,38 @@ def test_generic_module_paths_match_exact():
         activation_patching(hm, "z", clean, corr, metric=LogitDiff(ans, wrong))
 
 
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_attribution_patching_through_module_paths_equals_the_transformers_own(direction):
+    """AtP through a HookedModule's hook points (the path of models that are not pypattern's Transformer) equals
+    AtP on the Transformer itself, an independent implementation, at every residual site the wrapper hooks."""
+    from pypattern import attribution_patching
+
+    model, clean, corr, ans, wrong = model_and_prompts()
+    pts = {}
+    for layer in range(2):
+        pts[f"blocks.{layer}.hook_resid_pre"] = f"blocks.{layer}:input"
+        pts[f"blocks.{layer}.hook_resid_post"] = f"blocks.{layer}"
+        pts[f"blocks.{layer}.hook_attn_out"] = f"blocks.{layer}.attn"
+    hm = HookedModule(model, pts, n_layers=2)
+    sites = ["resid_pre", "resid_post", "attn_out"]
+    for per_position in (True, False):
+        kw = dict(metric=LogitDiff(ans, wrong), sites=sites, direction=direction, per_position=per_position)
+        a, b = attribution_patching(hm, clean, corr, **kw), attribution_patching(model, clean, corr, **kw)
+        for site in sites:
+            assert a[site].axes == b[site].axes and a[site].method == b[site].method == "atp"
+            torch.testing.assert_close(a[site].values, b[site].values, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(a[site].clean, b[site].clean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a[site].corrupted, b[site].corrupted, rtol=1e-12, atol=1e-12)
+    assert float((a["resid_pre"].values - a["resid_pre"].corrupted[:, None]).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match=r"sites entry 'z': .* no hook point 'blocks.0.attn.hook_z'"):
+        attribution_patching(hm, clean, corr, metric=LogitDiff(ans, wrong), sites="z")
+    # the defaults: those of attribution_patching's default sites the wrapper has hook points for
+    assert set(attribution_patching(hm, clean, corr, metric=LogitDiff(ans, wrong))) == {
+        "resid_pre",
+        "attn_out",
+    }
+
+
 def test_errors_name_the_argument():
     model, clean, corr, ans, wrong = model_and_prompts()
     met = LogitDiff(ans, wrong)

@@ -410,6 +410,9 @@ _FINAL_NORM_NAMES = (
     "final_layer_norm",
     "final_norm",
     "ln_final",
+    "layer_norm",
+    "norm_out",
+    "ln_out",
 )
 
 
@@ -477,7 +480,7 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
     seen: dict[str, list] = {"in": [None] * n_layers, "out": [None] * n_layers, "norm": []}
 
     def first(x: Any) -> Any:
-        return x[0] if isinstance(x, tuple) and x else x
+        return x[0] if isinstance(x, tuple | list) and x else x
 
     def pre(i: int):
         def fn(mod, args, kwargs):
@@ -512,6 +515,12 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
         try:
             with torch.no_grad():
                 model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+        except Exception as e:  # noqa: BLE001 - the model's own failure, said to come from the check
+            raise UnsupportedModelError(
+                f"model_type={arch.model_type!r} ({type(model).__name__}) has no layout of its own in the native "
+                "adapter, whose residual stream is checked on a forward of two tokens, and that forward failed "
+                f"({type(e).__name__}: {e})"
+            ) from e
         finally:
             model.train(was)
     finally:
@@ -523,6 +532,11 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
         why = "a layer was not run, or its hidden states are not a tensor (its first input and output)"
     elif len({tuple(t.shape) for t in ins + outs}) != 1:
         why = "its layers' inputs and outputs differ in shape"
+    elif ins[0].dim() != 3 or tuple(ins[0].shape[:2]) != (1, 2):
+        why = (
+            f"its hidden states have shape {tuple(ins[0].shape)} for one prompt of two tokens, not (batch, pos, "
+            "d_model)"
+        )
     else:
         bad = [i for i in range(n_layers - 1) if not torch.equal(outs[i], ins[i + 1])]
         if bad:

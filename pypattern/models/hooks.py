@@ -790,8 +790,8 @@ class HookedModule(HookedRootModule):
         The wrapped model; ``forward`` calls it unchanged.
     hook_points : dict[str, str]
         Hook name -> module path. A path ending in ``":input"`` hooks the first positional input of that
-        sub-module (a forward pre-hook), otherwise its output. When the input/output is a tuple, the hook
-        point sees (and may replace) element 0, e.g. the hidden states of a Hugging Face block.
+        sub-module (a forward pre-hook), otherwise its output. When the input/output is a tuple (an output also a
+        list), the hook point sees (and may replace) element 0, e.g. the hidden states of a Hugging Face block.
     n_layers : int, optional
         Number of blocks (patching grids need it).
 
@@ -935,8 +935,11 @@ class HookedModule(HookedRootModule):
         def fn(mod: nn.Module, args: tuple, out: Any) -> Any:
             if not hp._fns:
                 return None
-            if isinstance(out, tuple) and out:
-                return (hp(_activation(hp, out[0], "output")), *out[1:])
+            if (
+                isinstance(out, tuple | list) and out
+            ):  # a Hugging Face block's (hidden_states, ...); GPT-1's list
+                new = hp(_activation(hp, out[0], "output"))
+                return (new, *out[1:]) if isinstance(out, tuple) else [new, *out[1:]]
             return hp(_activation(hp, out, "output"))
 
         fn.hook_point = hp

@@ -355,8 +355,14 @@ def attribution_patching(
 ) -> dict[str, PatchResult]:
     """AtP (or AtP* with ``qk_fix=True, grad_drop=True``) for every cell of every site in ``sites``.
 
-    Parameters are those of :func:`~pypattern.patching.activation_patching`; ``model`` must be pypattern's
-    :class:`~pypattern.models.Transformer`. ``sites`` lists the sites to estimate (default ``resid_pre``,
+    Parameters are those of :func:`~pypattern.patching.activation_patching`; ``model`` is pypattern's
+    :class:`~pypattern.models.Transformer` (a Hugging Face or TransformerLens model that :func:`~pypattern.from_hf`
+    converts is converted). A model with hook points (a :class:`~pypattern.models.HookedModule`, or a Hugging Face
+    causal LM of a family ``from_hf`` does not convert, adapted by :func:`~pypattern.models.hooked_hf` by its
+    residual stream) gets plain AtP at the sites it hooks (``resid_pre``, ``resid_post``, ...; by default those of
+    the default sites it has): corrupted prompts only, without ``attention_mask``, ``qk_fix``, ``grad_drop``,
+    ``max_batch`` or ``max_memory`` splitting (one source forward, one target forward and one backward over all
+    prompts). ``sites`` lists the sites to estimate (default ``resid_pre``,
     ``attn_out``, ``mlp_out`` and ``z``, without ``mlp_out`` on an attention-only model; all from the same two
     forwards and one backward; with ``grad_drop`` one more backward per layer). Every architecture of the model
     works: under grouped-query attention the ``k``/``v`` cells are key/value heads (as in exact patching); with
@@ -417,13 +423,24 @@ def attribution_patching(
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     model = converted_if_convertible(model)
     if not isinstance(model, Transformer):
-        from ..models.hf import is_hf_causal_lm
+        from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm, unwrap_hf
 
+        inner, _ = unwrap_hf(model) if isinstance(model, torch.nn.Module) else (model, "")
+        if not hasattr(model, "hook_dict") and (isinstance(inner, HookedHF) or is_hf_causal_lm(inner)):
+            # a family from_hf does not convert: its residual stream through the adapter (generic_hf_arch)
+            model = inner if isinstance(inner, HookedHF) else hooked_hf(model)
+        if hasattr(model, "hook_dict") and hasattr(model, "hooks"):
+            return _atp_hooked(
+                model, clean_tokens, corrupted_tokens, metric=metric, sites=sites, corruption=corruption,
+                direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop,
+                attention_mask=attention_mask, max_batch=max_batch, max_memory=max_memory,
+            )  # fmt: skip
         hint = (
             "; convert a Hugging Face model with pypattern.from_hf(model)" if is_hf_causal_lm(model) else ""
         )
         raise TypeError(
-            f"model is a {type(model).__name__}; attribution_patching needs pypattern's Transformer{hint}"
+            f"model is a {type(model).__name__}; attribution_patching needs pypattern's Transformer, or a model "
+            f"with hook points (pypattern.hooked_hf, HookedModule) for its residual sites{hint}"
         )
     if sites is DEFAULT_SITES and getattr(model.cfg, "attn_only", False):
         sites = [s for s in DEFAULT_SITES if s != "mlp_out"]  # an attention-only model has no MLP output
@@ -1016,6 +1033,154 @@ def _atp(
             method="atp*" if (qk_fix or grad_drop) else "atp",
             info=info,
         )
+    return out
+
+
+def _atp_hooked(
+    model,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor | None,
+    *,
+    metric,
+    sites,
+    corruption,
+    direction: str,
+    per_position: bool,
+    qk_fix: bool,
+    grad_drop: bool,
+    attention_mask,
+    max_batch=None,
+    max_memory=None,
+) -> dict[str, PatchResult]:
+    """:func:`attribution_patching` on a model with hook points (a :class:`~pypattern.models.HookedModule`, such
+    as :func:`~pypattern.models.hooked_hf`'s adapter of a family :func:`~pypattern.from_hf` does not convert), at
+    the sites it has hook points for (``resid_pre``, ``resid_post``, ``attn_out``, ...): one source forward, one
+    target forward and one backward, the estimate of a cell ``(a_source - a_target) . dm/da`` at the target run.
+    Corrupted prompts only (no ablation, no Gaussian noise), no attention mask, no ``qk_fix`` / ``grad_drop``
+    (refused by name)."""
+    from .._checks import model_device
+    from ..losses import position_limit, read_logits
+    from .api import _generic_note, _layers, _vocab
+
+    what = f"attribution_patching on {type(model).__name__} (a model with hook points, not pypattern's Transformer)"
+    for name, flag in (("qk_fix", qk_fix), ("grad_drop", grad_drop)):
+        if flag:
+            raise ValueError(
+                f"{name}=True needs pypattern's Transformer; {what} computes plain AtP: leave it out"
+            )
+    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+        raise ValueError(
+            f"attention_mask: {what} runs prompts of one length without a mask (padding is not masked); give "
+            "unpadded prompts"
+        )
+    for name, v in (("max_batch", max_batch), ("max_memory", max_memory)):
+        if v is not None:
+            raise ValueError(
+                f"{name}={v!r}: {what} runs all the prompts in one forward and backward; give {name}=None, or "
+                "call it on parts of the prompts"
+            )
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
+    corruption = resolve_corruption(corrupted_tokens, corruption)
+    if not isinstance(corruption, TokenReplacement):
+        raise ValueError(
+            f"corruption={type(corruption).__name__}: {what} patches from corrupted prompts only; give "
+            "corrupted_tokens"
+        )
+    L = _layers(model)
+    if sites is DEFAULT_SITES:  # those of the defaults the model has hook points for
+        sites = [s for s in DEFAULT_SITES if hook_name(s, 0) in model.hook_dict]
+    elif isinstance(sites, str):
+        sites = [sites]
+    elif isinstance(sites, list | tuple) and all(isinstance(s, str) for s in sites):
+        sites = list(sites)
+    else:
+        raise TypeError(
+            f"sites={sites!r} is not valid; give a site name or a list of them (e.g. ['resid_pre'])"
+        )
+    if not sites:
+        raise ValueError("sites is empty: give at least one site (e.g. sites=['resid_pre'])")
+    for s in sites:
+        check_site(None, s, "sites entry")
+    vocab = _vocab(model)
+    B, T = check_tokens(clean_tokens, "clean_tokens", vocab, n_ctx=position_limit(model)).shape
+    check_corruption_tokens(corruption, vocab, (B, T))
+    for site in sites:
+        missing = [
+            hook_name(site, layer) for layer in range(L) if hook_name(site, layer) not in model.hook_dict
+        ]
+        if site in HEAD_SITES or missing:
+            note = _generic_note(model)
+            raise ValueError(
+                f"sites entry {site!r}: {what} has no hook point "
+                f"{missing[0] if missing else hook_name(site, 0)!r}" + (f" ({note})" if note else "")
+            )
+    dev = model_device(model, clean_tokens.device)
+    clean = clean_tokens.to(dev)
+    corr = corruption.corrupted_tokens.to(dev)
+    pos = metric_positions(metric, B, T)
+    names = {hook_name(s, layer) for s in sites for layer in range(L)}
+    src, tgt = (clean, corr) if direction == "denoising" else (corr, clean)
+
+    def at_pos(tokens):
+        return logits_at(read_logits(model(tokens)), pos)
+
+    src_cache: dict[str, torch.Tensor] = {}
+    with (
+        torch.no_grad(),
+        model.hooks([(lambda n: n in names, lambda x, hook: src_cache.__setitem__(hook.name, x.detach()))]),
+    ):
+        src_logits = at_pos(src)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(x, hook):
+        # the first site of the forward becomes a leaf (the parameters are frozen); the later ones depend on it
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        captured[hook.name] = x
+        return x
+
+    with torch.enable_grad(), frozen_parameters(model), model.hooks([(lambda n: n in names, capture)]):
+        logits = at_pos(tgt)
+        clean_logits = src_logits if direction == "denoising" else logits.detach()
+        bind_metric(metric, clean_logits)
+        m_clean = metric_on(metric, clean_logits, B).detach()
+        check_metric_on_stacks(metric, clean_logits.detach(), m_clean, per_example=True)
+        m_tgt_full = metric(logits)
+        if not m_tgt_full.requires_grad:
+            raise ValueError(
+                f"metric returned values without a gradient ({m_tgt_full.dtype}: detached, or an accuracy); "
+                "attribution patching differentiates the metric: give a differentiable one, or use "
+                "activation_patching for exact effects"
+            )
+        wanted = sorted(names)
+        gs = torch.autograd.grad(m_tgt_full.sum(), [captured[n] for n in wanted], allow_unused=True)
+    grads = {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(wanted, gs)}
+    m_tgt = m_tgt_full.detach()
+    m_corr = m_tgt if direction == "denoising" else metric(src_logits).detach()
+    out = {}
+    for site in sites:
+        _, axes, coords, _ = make_cells(site, L, 0, T, per_position)
+        est = []
+        for layer in range(L):
+            n = hook_name(site, layer)
+            diff = _wide(src_cache[n]) - _wide(captured[n].detach())
+            est.append(_reduce(site, diff * _wide(grads[n]), per_position))
+        est = torch.stack(est, 1)  # (B, L[, T])
+        out[site] = PatchResult(
+            values=(m_tgt.view(-1, *([1] * (est.dim() - 1))) + est).detach(),
+            clean=m_clean,
+            corrupted=m_corr,
+            axes=axes,
+            coords=coords,
+            site=site,
+            direction=direction,
+            metric=result_name(metric),
+            method="atp",
+            info={"per_position": per_position, "hooked": True},
+        )
+    _check_corrupted_run(out)
+    _warn_if_no_gradient(out, direction, metric)
     return out
 
 
