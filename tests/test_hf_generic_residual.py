@@ -355,3 +355,25 @@ def test_attribution_patching_on_a_generic_model_refuses_ablations():
         attribution_patching(
             model, x, metric=metric, sites="resid_pre", corruption=ZeroAblation(), direction="noising"
         )
+
+
+def test_component_masks_need_the_layers_inside_and_are_refused():
+    """Masks over heads or MLPs need the modules inside a layer, which the residual-stream layout does not know:
+    refused by name (never a mask over the whole layer); parameter-name prefixes still select parameters."""
+    from pypattern import susceptibilities
+    from pypattern.models import hf_component_masks, hf_components
+    from pypattern.models.convert import UnsupportedModelError
+    from pypattern.models.hf import hf_hook_points
+
+    model = _model("mamba")
+    for call in (lambda: hf_component_masks(model, ["blocks.0.attn.head.0"]), lambda: hf_components(model)):
+        with pytest.raises(UnsupportedModelError, match=r"model_type='mamba' .*parameter-name prefixes"):
+            call()
+    pts = hf_hook_points(model)
+    assert {k: "model." + v for k, v in pts.items()} == hooked_hf(model)._hook_paths
+    x = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(8))
+    r = susceptibilities(
+        model, [x], x[:2], ["backbone.layers.0", "backbone.layers.2"], num_chains=2, num_draws=4, step_size=1e-7,
+        seed=0, quiet=True,
+    )  # fmt: skip
+    assert torch.isfinite(torch.as_tensor(r.chi)).all()

@@ -384,8 +384,9 @@ def hf_arch(model: nn.Module, generic: bool = True) -> HFArch:
         if not generic:
             raise UnsupportedModelError(
                 f"model_type={mt!r} ({type(model).__name__}) has no layout of its own in the native adapter "
-                f"(supported: {', '.join(sorted(HF_ARCHS))}); its residual stream alone is read by "
-                "pypattern.hooked_hf(model)"
+                f"(supported: {', '.join(sorted(HF_ARCHS))}): nothing that needs the modules inside its layers "
+                "(per-head or per-MLP components, attn_out, mlp_out) is available; give components as "
+                "parameter-name prefixes, and patch its residual stream through pypattern.hooked_hf(model)"
             )
         return generic_hf_arch(model)
     arch = HF_ARCHS[mt]
@@ -636,7 +637,10 @@ def hf_hook_points(model: nn.Module, arch: HFArch | None = None) -> dict[str, st
     module's input or output; :func:`hooked_hf` adds it (see there).
     """
     model, prefix = unwrap_hf(model)
-    arch = hf_arch(model) if arch is None else arch
+    if arch is None:
+        arch = hf_arch(model)
+        if arch.generic:  # read off the model: checked on a forward before any path is handed out
+            arch = _check_generic_residual(model, arch, _n_layers(model, arch))
     b = f"{prefix}{arch.base}"
     pts = {"hook_embed": f"{b}.{arch.embed}"}
     if arch.pos_embed:

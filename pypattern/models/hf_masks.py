@@ -147,7 +147,8 @@ def _arch(hf: nn.Module) -> HFArch:
     mt = getattr(getattr(hf, "config", None), "model_type", None)
     arch = _MASK_ARCHS.get(mt) if mt not in HF_ARCHS else None
     if arch is None:
-        return hf_arch(hf)
+        # masks need the layout inside the layers: a family known by its residual stream alone is refused
+        return hf_arch(hf, generic=False)
     if not hasattr(hf, arch.base.split(".")[0]) or hf.get_output_embeddings() is None:
         raise ValueError(
             f"{type(hf).__name__} has no sub-module {arch.base!r} or no language-model head: give the causal LM "
