@@ -329,8 +329,8 @@ def test_attribution_patching_at_residual_sites_equals_autograd_through_forward_
             {"attention_mask": torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])},
             r"attention_mask: .* without a mask",
         ),
-        ({"max_batch": 1}, r"max_batch=1: .* in one forward and backward"),
-        ({"max_memory": 2**20}, r"max_memory=1048576: .* in one forward and backward"),
+        ({"max_memory": 2**20}, r"max_memory=1048576: .* has no estimate of its memory; bound .* max_batch"),
+        ({"max_batch": 0}, r"max_batch"),
     ],
 )
 def test_attribution_patching_on_a_generic_model_refuses_what_it_cannot_do(kwargs, message):
@@ -377,3 +377,30 @@ def test_component_masks_need_the_layers_inside_and_are_refused():
         seed=0, quiet=True,
     )  # fmt: skip
     assert torch.isfinite(torch.as_tensor(r.chi)).all()
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_attribution_patching_in_parts_of_max_batch_prompts_equals_one_pass(direction):
+    from pypattern import attribution_patching
+
+    model = _model("cohere")
+    g = torch.Generator().manual_seed(9)
+    clean = torch.randint(0, V, (5, 6), generator=g)
+    corrupted = torch.randint(0, V, (5, 6), generator=g)
+    metric = LogitDiff(
+        torch.tensor([1, 2, 3, 4, 5]), torch.tensor([6, 7, 8, 9, 10]), position=torch.tensor([5, 4, 5, 3, 5])
+    )
+    kw = dict(metric=metric, sites=["resid_pre", "resid_post"], direction=direction)
+    one = attribution_patching(model, clean, corrupted, **kw)
+    for mb in (1, 2, 5):
+        parts = attribution_patching(model, clean, corrupted, max_batch=mb, **kw)
+        for site in ("resid_pre", "resid_post"):
+            a, b = parts[site], one[site]
+            assert a.info["max_batch"] == mb and a.axes == b.axes
+            torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(a.clean, b.clean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.corrupted, b.corrupted, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"max_batch needs a Metric"):
+        attribution_patching(
+            model, clean, corrupted, metric=lambda lg: lg[:, 1] - lg[:, 2], sites="resid_pre", max_batch=2
+        )

@@ -360,9 +360,9 @@ def attribution_patching(
     converts is converted). A model with hook points (a :class:`~pypattern.models.HookedModule`, or a Hugging Face
     causal LM of a family ``from_hf`` does not convert, adapted by :func:`~pypattern.models.hooked_hf` by its
     residual stream) gets plain AtP at the sites it hooks (``resid_pre``, ``resid_post``, ...; by default those of
-    the default sites it has): corrupted prompts only, without ``attention_mask``, ``qk_fix``, ``grad_drop``,
-    ``max_batch`` or ``max_memory`` splitting (one source forward, one target forward and one backward over all
-    prompts). ``sites`` lists the sites to estimate (default ``resid_pre``,
+    the default sites it has): corrupted prompts only, without ``attention_mask`` (padding), ``qk_fix``,
+    ``grad_drop`` or ``max_memory`` (one source forward, one target forward and one backward, over parts of
+    ``max_batch`` prompts when it is given). ``sites`` lists the sites to estimate (default ``resid_pre``,
     ``attn_out``, ``mlp_out`` and ``z``, without ``mlp_out`` on an attention-only model; all from the same two
     forwards and one backward; with ``grad_drop`` one more backward per layer). Every architecture of the model
     works: under grouped-query attention the ``k``/``v`` cells are key/value heads (as in exact patching); with
@@ -1056,8 +1056,9 @@ def _atp_hooked(
     as :func:`~pypattern.models.hooked_hf`'s adapter of a family :func:`~pypattern.from_hf` does not convert), at
     the sites it has hook points for (``resid_pre``, ``resid_post``, ``attn_out``, ...): one source forward, one
     target forward and one backward, the estimate of a cell ``(a_source - a_target) . dm/da`` at the target run.
-    Corrupted prompts only (no ablation, no Gaussian noise), no attention mask, no ``qk_fix`` / ``grad_drop``
-    (refused by name)."""
+    Corrupted prompts only (no ablation, no Gaussian noise), no attention mask with padding, no ``qk_fix`` /
+    ``grad_drop`` / ``max_memory`` (refused by name); ``max_batch`` splits the prompts
+    (:func:`_atp_hooked_in_parts`)."""
     from .._checks import model_device
     from ..losses import position_limit, read_logits
     from .api import _generic_note, _layers, _vocab
@@ -1073,12 +1074,12 @@ def _atp_hooked(
             f"attention_mask: {what} runs prompts of one length without a mask (padding is not masked); give "
             "unpadded prompts"
         )
-    for name, v in (("max_batch", max_batch), ("max_memory", max_memory)):
-        if v is not None:
-            raise ValueError(
-                f"{name}={v!r}: {what} runs all the prompts in one forward and backward; give {name}=None, or "
-                "call it on parts of the prompts"
-            )
+    check_batch_limits(max_batch, max_memory)
+    if max_memory is not None:
+        raise ValueError(
+            f"max_memory={max_memory!r}: {what} has no estimate of its memory; bound the prompts per forward "
+            "and backward with max_batch instead (and give max_memory=None)"
+        )
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     corruption = resolve_corruption(corrupted_tokens, corruption)
@@ -1115,6 +1116,11 @@ def _atp_hooked(
                 f"sites entry {site!r}: {what} has no hook point "
                 f"{missing[0] if missing else hook_name(site, 0)!r}" + (f" ({note})" if note else "")
             )
+    if max_batch is not None and B > max_batch:
+        return _atp_hooked_in_parts(
+            model, clean_tokens, corruption.corrupted_tokens, int(max_batch), metric=metric, sites=sites,
+            direction=direction, per_position=per_position,
+        )  # fmt: skip
     dev = model_device(model, clean_tokens.device)
     clean = clean_tokens.to(dev)
     corr = corruption.corrupted_tokens.to(dev)
@@ -1177,8 +1183,64 @@ def _atp_hooked(
             direction=direction,
             metric=result_name(metric),
             method="atp",
-            info={"per_position": per_position, "hooked": True},
+            info={"per_position": per_position, "hooked": True, "max_batch": B},
         )
+    _check_corrupted_run(out)
+    _warn_if_no_gradient(out, direction, metric)
+    return out
+
+
+def _atp_hooked_in_parts(
+    model, clean, corrupted, max_batch: int, *, metric, sites, direction: str, per_position: bool
+) -> dict[str, PatchResult]:
+    """:func:`_atp_hooked` over consecutive parts of at most ``max_batch`` prompts (checked), joined: the
+    estimates are per example, so the result is that of one pass. Needs a :class:`Metric` (its per-example
+    answers are split with the prompts)."""
+    if not isinstance(metric, Metric):
+        raise ValueError(
+            "max_batch needs a Metric (LogitDiff, Prob, LogProb, KL), whose per-example answers are split with "
+            f"the prompts; got metric of type {type(metric).__name__} (give max_batch=None)"
+        )
+    B = clean.shape[0]
+    parts = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(0, B, max_batch):
+            part = slice(i, min(i + max_batch, B))
+            parts.append(
+                _atp_hooked(
+                    model,
+                    clean[part],
+                    corrupted[part],
+                    metric=metric.select(part),
+                    sites=sites,
+                    corruption=None,
+                    direction=direction,
+                    per_position=per_position,
+                    qk_fix=False,
+                    grad_drop=False,
+                    attention_mask=None,
+                )  # fmt: skip
+            )
+    out = {}
+    for site, first in parts[0].items():
+        rs = [p[site] for p in parts]
+        out[site] = PatchResult(
+            values=torch.cat([r.values for r in rs]),
+            clean=torch.cat([r.clean for r in rs]),
+            corrupted=torch.cat([r.corrupted for r in rs]),
+            axes=first.axes,
+            coords=first.coords,
+            site=site,
+            direction=direction,
+            metric=first.metric,
+            method="atp",
+            info={"per_position": per_position, "hooked": True, "max_batch": max_batch},
+        )
+    # the parts' warnings are the whole batch's to tell: told once, for all the prompts
+    for w in caught:
+        if not issubclass(w.category, RuntimeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     _check_corrupted_run(out)
     _warn_if_no_gradient(out, direction, metric)
     return out
