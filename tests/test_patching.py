@@ -164,13 +164,19 @@ def test_result_statistics():
         assert len(r.to_pandas()) == 24
 
 
-def test_generic_module_paths_match_exact():
-    model, clean, corr, ans, wrong = model_and_prompts()
+def _module_paths(n_layers: int = 2) -> dict[str, str]:
+    """Hook name -> module path of the residual stream and attention output of pypattern's Transformer."""
     pts = {}
-    for layer in range(2):
+    for layer in range(n_layers):
         pts[f"blocks.{layer}.hook_resid_pre"] = f"blocks.{layer}:input"
         pts[f"blocks.{layer}.hook_resid_post"] = f"blocks.{layer}"
         pts[f"blocks.{layer}.hook_attn_out"] = f"blocks.{layer}.attn"
+    return pts
+
+
+def test_generic_module_paths_match_exact():
+    model, clean, corr, ans, wrong = model_and_prompts()
+    pts = _module_paths()
     with pytest.raises(ValueError, match="n_layers"):
         activation_patching(HookedModule(model, pts), "resid_pre", clean, corr, metric=LogitDiff(ans, wrong))
     hm = HookedModule(model, pts, n_layers=2)
@@ -190,12 +196,7 @@ def test_attribution_patching_through_module_paths_equals_the_transformers_own(d
     from pypattern import attribution_patching
 
     model, clean, corr, ans, wrong = model_and_prompts()
-    pts = {}
-    for layer in range(2):
-        pts[f"blocks.{layer}.hook_resid_pre"] = f"blocks.{layer}:input"
-        pts[f"blocks.{layer}.hook_resid_post"] = f"blocks.{layer}"
-        pts[f"blocks.{layer}.hook_attn_out"] = f"blocks.{layer}.attn"
-    hm = HookedModule(model, pts, n_layers=2)
+    hm = HookedModule(model, _module_paths(), n_layers=2)
     sites = ["resid_pre", "resid_post", "attn_out"]
     for per_position in (True, False):
         kw = dict(metric=LogitDiff(ans, wrong), sites=sites, direction=direction, per_position=per_position)

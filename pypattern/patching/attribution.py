@@ -880,13 +880,7 @@ def _atp(
         tgt_tokens, tgt_noise = clean_tokens, None
     # forward 2: the target run with gradients at every site
     captured: dict[str, torch.Tensor] = {}
-
-    def capture(x, hook):
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        captured[hook.name] = x
-        return x
-
+    capture = _capturing(captured)
     hooks = [(lambda n: n in tnames, capture)]
     if gated:  # after the capture: a captured attn_out or mlp_out is the gated tensor's input
         hooks.append((lambda n: n in gate_names, gate))
@@ -912,19 +906,9 @@ def _atp(
             clean_vals = vals[0] if direction == "denoising" else m_tgt_full
             m_clean = check_metric_output(clean_vals.detach(), B)
         else:
-            # the metric binds to the clean run's logits before it reads any run
             clean_logits = src_logits if direction == "denoising" else logits.detach()
-            bind_metric(metric, clean_logits)
-            m_clean = metric_on(metric, clean_logits, B).detach()
-            # a metric coupling the examples (or the runs) would hand the backward the gradient of its sum
-            check_metric_on_stacks(metric, clean_logits.detach(), m_clean, per_example=True)
-            m_tgt_full = metric(logits)
-        if not m_tgt_full.requires_grad:
-            raise ValueError(
-                f"metric returned values without a gradient ({m_tgt_full.dtype}: detached, or an accuracy); "
-                "attribution patching differentiates the metric: give a differentiable one, or use "
-                "activation_patching for exact effects"
-            )
+            m_clean, m_tgt_full = _metric_of_runs(metric, clean_logits, logits, B)
+        _require_gradient(m_tgt_full)
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
         post = [hook_name("resid_post", layer) for layer in range(L)] if grad_drop else []
@@ -1036,6 +1020,40 @@ def _atp(
     return out
 
 
+def _capturing(captured: dict):
+    """A hook function keeping each activation it sees in ``captured`` (by hook name), for the gradient there: one
+    that does not require a gradient (the first site of a forward under frozen parameters) becomes a leaf that
+    does, so the later sites depend on it."""
+
+    def capture(x, hook):
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        captured[hook.name] = x
+        return x
+
+    return capture
+
+
+def _metric_of_runs(metric, clean_logits: torch.Tensor, logits: torch.Tensor, batch: int):
+    """``(metric of the clean run (detached), metric of the target run (with its gradient))``: the metric binds
+    to the clean run's logits (at the metric position) before it reads any run, and is refused when it couples
+    the examples (or the runs), which would hand the backward the gradient of its sum."""
+    bind_metric(metric, clean_logits)
+    m_clean = metric_on(metric, clean_logits, batch).detach()
+    check_metric_on_stacks(metric, clean_logits.detach(), m_clean, per_example=True)
+    return m_clean, metric(logits)
+
+
+def _require_gradient(values: torch.Tensor) -> None:
+    """Refuse metric values without a gradient (a detached metric, an accuracy): AtP differentiates them."""
+    if not values.requires_grad:
+        raise ValueError(
+            f"metric returned values without a gradient ({values.dtype}: detached, or an accuracy); "
+            "attribution patching differentiates the metric: give a differentiable one, or use "
+            "activation_patching for exact effects"
+        )
+
+
 def _atp_hooked(
     model,
     clean_tokens: torch.Tensor,
@@ -1138,27 +1156,12 @@ def _atp_hooked(
     ):
         src_logits = at_pos(src)
     captured: dict[str, torch.Tensor] = {}
-
-    def capture(x, hook):
-        # the first site of the forward becomes a leaf (the parameters are frozen); the later ones depend on it
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        captured[hook.name] = x
-        return x
-
+    capture = _capturing(captured)
     with torch.enable_grad(), frozen_parameters(model), model.hooks([(lambda n: n in names, capture)]):
         logits = at_pos(tgt)
         clean_logits = src_logits if direction == "denoising" else logits.detach()
-        bind_metric(metric, clean_logits)
-        m_clean = metric_on(metric, clean_logits, B).detach()
-        check_metric_on_stacks(metric, clean_logits.detach(), m_clean, per_example=True)
-        m_tgt_full = metric(logits)
-        if not m_tgt_full.requires_grad:
-            raise ValueError(
-                f"metric returned values without a gradient ({m_tgt_full.dtype}: detached, or an accuracy); "
-                "attribution patching differentiates the metric: give a differentiable one, or use "
-                "activation_patching for exact effects"
-            )
+        m_clean, m_tgt_full = _metric_of_runs(metric, clean_logits, logits, B)
+        _require_gradient(m_tgt_full)
         wanted = sorted(names)
         gs = torch.autograd.grad(m_tgt_full.sum(), [captured[n] for n in wanted], allow_unused=True)
     grads = {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(wanted, gs)}
