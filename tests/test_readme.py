@@ -238,3 +238,11 @@ def test_own_model_example(env):
 
     ref = per_sample_grad_gram_reference(env["llama"], env["per_token"], env["tokens"])
     torch.testing.assert_close(env["gram"], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    # the family without a converter: exact (one forward per cell) and AtP grids over its residual stream; before
+    # the corrupted position 3 both runs hold the same residual, so a patch there changes nothing, exactly
+    resid, atp = env["cohere_resid"], env["cohere_atp"]
+    assert resid.method == "naive" and atp.method == "atp"
+    assert resid.values.shape == atp.values.shape == (4, 2, 12)
+    for r in (resid, atp):
+        assert torch.equal(r.values[:, :, :3], r.corrupted[:, None, None].expand(4, 2, 3).to(r.values.dtype))
+    assert float((resid.values[:, 0, 3] - resid.corrupted).abs().max()) > 0
