@@ -433,15 +433,16 @@ def generic_hf_arch(model: nn.Module) -> HFArch:
     ``nn.ModuleList`` of ``config.num_hidden_layers`` layers, the input embedding module
     (``get_input_embeddings()``) and, when the decoder has one under a usual name (``norm``, ``norm_f``, ``ln_f``,
     ``final_layernorm``, ...), the final norm. Nothing inside a layer is read: the adapter built on it has
-    ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and ``ln_final.hook_normalized``, and
-    :func:`hooked_hf` checks on a forward of two tokens that the layers run one after another on the residual
-    stream (each layer's input the previous one's output) before it hands the adapter out.
+    ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and ``ln_final.hook_normalized``. The
+    reading is checked on a forward of two tokens (:func:`_check_generic_residual`) before it is returned: the
+    layers run one after another on the residual stream (each layer's input the previous one's output), and the
+    final norm is the module of a usual name that reads the last layer's output.
 
     Raises
     ------
     UnsupportedModelError
         When the layout cannot be read: no decoder under ``base_model_prefix``, no single list of the stated
-        number of layers in it, or the input embedding outside it.
+        number of layers in it, the input embedding outside it, or a check on the forward that fails.
     """
     from .convert import UnsupportedModelError
 
@@ -465,9 +466,8 @@ def generic_hf_arch(model: nn.Module) -> HFArch:
     embed = next((k for k, m in base.named_modules() if m is emb and k), None)
     if embed is None:
         raise UnsupportedModelError(f"{what} its input embedding is not a module of its decoder ({prefix!r})")
-    children = dict(base.named_children())
-    norm = next((k for k in _FINAL_NORM_NAMES if isinstance(children.get(k), nn.Module)), None)
-    return HFArch(mt, prefix, embed, None, lists[0], "", "", None, None, norm or "", "", generic=True)
+    arch = HFArch(mt, prefix, embed, None, lists[0], "", "", None, None, "", "", generic=True)
+    return _check_generic_residual(model, arch, n)
 
 
 def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HFArch:
@@ -478,37 +478,40 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
     from .convert import UnsupportedModelError
 
     layers = _get(model, f"{arch.base}.{arch.layers}")
-    seen: dict[str, list] = {"in": [None] * n_layers, "out": [None] * n_layers, "norm": []}
+    ins: list[Any] = [None] * n_layers
+    outs: list[Any] = [None] * n_layers
 
     def first(x: Any) -> Any:
         return x[0] if isinstance(x, tuple | list) and x else x
 
     def pre(i: int):
         def fn(mod, args, kwargs):
-            seen["in"][i] = first(args) if args else kwargs.get("hidden_states")
+            ins[i] = first(args) if args else kwargs.get("hidden_states")
 
         return fn
 
     def post(i: int):
         def fn(mod, args, out):
-            seen["out"][i] = first(out)
-
-        return fn
-
-    def norm_in(name: str):
-        def fn(mod, args, kwargs):
-            seen["norm"].append((name, first(args) if args else next(iter(kwargs.values()), None)))
+            outs[i] = first(out)
 
         return fn
 
     children = dict(_get(model, arch.base).named_children())
-    norms = [k for k in _FINAL_NORM_NAMES if isinstance(children.get(k), nn.Module)]
+    # the inputs of every call of each child of a usual final-norm name
+    norm_ins: dict[str, list] = {k: [] for k in _FINAL_NORM_NAMES if isinstance(children.get(k), nn.Module)}
+
+    def norm_in(name: str):
+        def fn(mod, args, kwargs):
+            norm_ins[name].append(first(args) if args else next(iter(kwargs.values()), None))
+
+        return fn
+
     handles = []
     try:
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(post(i)))
-        for k in norms:
+        for k in norm_ins:
             handles.append(children[k].register_forward_pre_hook(norm_in(k), with_kwargs=True))
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         was = model.training
@@ -527,7 +530,6 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
     finally:
         for h in handles:
             h.remove()
-    ins, outs = seen["in"], seen["out"]
     why = None
     if any(not isinstance(t, torch.Tensor) for t in ins + outs):
         why = "a layer was not run, or its hidden states are not a tensor (its first input and output)"
@@ -549,18 +551,16 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
             f"a model of a supported family ({', '.join(sorted(HF_ARCHS))})"
         )
     # the final norm: the first module of a usual name that runs once, on the last layer's output
-    calls = [k for k, _ in seen["norm"]]
+    last = outs[-1]
     final = next(
         (
             k
-            for k in norms
-            if calls.count(k) == 1
-            and isinstance(x := dict(seen["norm"])[k], torch.Tensor)
-            and x.shape == outs[-1].shape
-            and torch.equal(x, outs[-1])
+            for k, xs in norm_ins.items()
+            if len(xs) == 1 and isinstance(xs[0], torch.Tensor) and xs[0].shape == last.shape
+            and torch.equal(xs[0], last)
         ),
         "",
-    )
+    )  # fmt: skip
     return dataclasses.replace(arch, ln_final=final)
 
 
@@ -637,10 +637,7 @@ def hf_hook_points(model: nn.Module, arch: HFArch | None = None) -> dict[str, st
     module's input or output; :func:`hooked_hf` adds it (see there).
     """
     model, prefix = unwrap_hf(model)
-    if arch is None:
-        arch = hf_arch(model)
-        if arch.generic:  # read off the model: checked on a forward before any path is handed out
-            arch = _check_generic_residual(model, arch, _n_layers(model, arch))
+    arch = hf_arch(model) if arch is None else arch
     b = f"{prefix}{arch.base}"
     pts = {"hook_embed": f"{b}.{arch.embed}"}
     if arch.pos_embed:
@@ -727,8 +724,6 @@ class HookedHF(HookedModule):
         model, _ = unwrap_hf(model)
         arch = hf_arch(model)
         n_layers = _n_layers(model, arch)
-        if arch.generic:
-            arch = _check_generic_residual(model, arch, n_layers)
         pts = {k: "model." + v for k, v in hf_hook_points(model, arch).items()}
         pos = pts.pop("hook_pos_embed", None)
         super().__init__(_HFLogits(model), pts, n_layers=n_layers)

@@ -935,9 +935,8 @@ class HookedModule(HookedRootModule):
         def fn(mod: nn.Module, args: tuple, out: Any) -> Any:
             if not hp._fns:
                 return None
-            if (
-                isinstance(out, tuple | list) and out
-            ):  # a Hugging Face block's (hidden_states, ...); GPT-1's list
+            # a Hugging Face block's (hidden_states, ...), or GPT-1's list
+            if isinstance(out, tuple | list) and out:
                 new = hp(_activation(hp, out[0], "output"))
                 return (new, *out[1:]) if isinstance(out, tuple) else [new, *out[1:]]
             return hp(_activation(hp, out, "output"))
