@@ -1075,10 +1075,11 @@ def _atp_hooked(
     the sites it has hook points for (``resid_pre``, ``resid_post``, ``attn_out``, ...): one source forward, one
     target forward and one backward, the estimate of a cell ``(a_source - a_target) . dm/da`` at the target run.
     Corrupted prompts only (no ablation, no Gaussian noise), no attention mask with padding, no ``qk_fix`` /
-    ``grad_drop`` / ``max_memory`` (refused by name); ``max_batch`` splits the prompts
-    (:func:`_atp_hooked_in_parts`)."""
+    ``grad_drop`` / ``max_memory`` (refused by name); ``max_batch`` splits the prompts into parts that run one
+    after another (:func:`_atp_hooked_pass`), joined: the estimates are per example, so the result is that of
+    one pass."""
     from .._checks import model_device
-    from ..losses import position_limit, read_logits
+    from ..losses import position_limit
     from .api import _generic_note, _layers, _vocab
 
     what = f"attribution_patching on {type(model).__name__} (a model with hook points, not pypattern's Transformer)"
@@ -1134,50 +1135,33 @@ def _atp_hooked(
                 f"sites entry {site!r}: {what} has no hook point "
                 f"{missing[0] if missing else hook_name(site, 0)!r}" + (f" ({note})" if note else "")
             )
-    if max_batch is not None and B > max_batch:
-        return _atp_hooked_in_parts(
-            model, clean_tokens, corruption.corrupted_tokens, int(max_batch), metric=metric, sites=sites,
-            direction=direction, per_position=per_position,
-        )  # fmt: skip
+    if (max_batch is not None and B > max_batch) and not isinstance(metric, Metric):
+        raise ValueError(
+            "max_batch needs a Metric (LogitDiff, Prob, LogProb, KL), whose per-example answers are split with "
+            f"the prompts; got metric of type {type(metric).__name__} (give max_batch=None)"
+        )
+    metric_positions(metric, B, T)  # the metric's positions fit the prompts (the parts read their own)
+    step = B if max_batch is None else int(max_batch)
     dev = model_device(model, clean_tokens.device)
-    clean = clean_tokens.to(dev)
-    corr = corruption.corrupted_tokens.to(dev)
-    pos = metric_positions(metric, B, T)
-    names = {hook_name(s, layer) for s in sites for layer in range(L)}
-    src, tgt = (clean, corr) if direction == "denoising" else (corr, clean)
-
-    def at_pos(tokens):
-        return logits_at(read_logits(model(tokens)), pos)
-
-    src_cache: dict[str, torch.Tensor] = {}
-    with (
-        torch.no_grad(),
-        model.hooks([(lambda n: n in names, lambda x, hook: src_cache.__setitem__(hook.name, x.detach()))]),
-    ):
-        src_logits = at_pos(src)
-    captured: dict[str, torch.Tensor] = {}
-    capture = _capturing(captured)
-    with torch.enable_grad(), frozen_parameters(model), model.hooks([(lambda n: n in names, capture)]):
-        logits = at_pos(tgt)
-        clean_logits = src_logits if direction == "denoising" else logits.detach()
-        m_clean, m_tgt_full = _metric_of_runs(metric, clean_logits, logits, B)
-        _require_gradient(m_tgt_full)
-        wanted = sorted(names)
-        gs = torch.autograd.grad(m_tgt_full.sum(), [captured[n] for n in wanted], allow_unused=True)
-    grads = {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(wanted, gs)}
-    m_tgt = m_tgt_full.detach()
-    m_corr = m_tgt if direction == "denoising" else metric(src_logits).detach()
+    site_of = {hook_name(s, layer): s for s in sites for layer in range(L)}  # hook name -> its site
+    passes = []  # per part of at most max_batch prompts: (m_clean, m_corr, {hook name: estimate})
+    for i in range(0, B, step):
+        part = slice(i, min(i + step, B))
+        met = metric if step >= B else metric.select(part)
+        clean, corr = clean_tokens[part].to(dev), corruption.corrupted_tokens[part].to(dev)
+        src, tgt = (clean, corr) if direction == "denoising" else (corr, clean)
+        passes.append(_atp_hooked_pass(model, src, tgt, met, site_of, direction, per_position))
+    m_clean = torch.cat([p[0] for p in passes])
+    m_corr = torch.cat([p[1] for p in passes])
+    m_tgt = m_corr if direction == "denoising" else m_clean
     out = {}
     for site in sites:
         _, axes, coords, _ = make_cells(site, L, 0, T, per_position)
-        est = []
-        for layer in range(L):
-            n = hook_name(site, layer)
-            diff = _wide(src_cache[n]) - _wide(captured[n].detach())
-            est.append(_reduce(site, diff * _wide(grads[n]), per_position))
-        est = torch.stack(est, 1)  # (B, L[, T])
+        est = torch.stack(
+            [torch.cat([p[2][hook_name(site, layer)] for p in passes]) for layer in range(L)], 1
+        )
         out[site] = PatchResult(
-            values=(m_tgt.view(-1, *([1] * (est.dim() - 1))) + est).detach(),
+            values=m_tgt.view(-1, *([1] * (est.dim() - 1))) + est,  # est: (B, L[, T])
             clean=m_clean,
             corrupted=m_corr,
             axes=axes,
@@ -1186,67 +1170,51 @@ def _atp_hooked(
             direction=direction,
             metric=result_name(metric),
             method="atp",
-            info={"per_position": per_position, "hooked": True, "max_batch": B},
+            info={"per_position": per_position, "hooked": True, "max_batch": min(step, B)},
         )
     _check_corrupted_run(out)
     _warn_if_no_gradient(out, direction, metric)
     return out
 
 
-def _atp_hooked_in_parts(
-    model, clean, corrupted, max_batch: int, *, metric, sites, direction: str, per_position: bool
-) -> dict[str, PatchResult]:
-    """:func:`_atp_hooked` over consecutive parts of at most ``max_batch`` prompts (checked), joined: the
-    estimates are per example, so the result is that of one pass. Needs a :class:`Metric` (its per-example
-    answers are split with the prompts)."""
-    if not isinstance(metric, Metric):
-        raise ValueError(
-            "max_batch needs a Metric (LogitDiff, Prob, LogProb, KL), whose per-example answers are split with "
-            f"the prompts; got metric of type {type(metric).__name__} (give max_batch=None)"
-        )
-    B = clean.shape[0]
-    parts = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for i in range(0, B, max_batch):
-            part = slice(i, min(i + max_batch, B))
-            parts.append(
-                _atp_hooked(
-                    model,
-                    clean[part],
-                    corrupted[part],
-                    metric=metric.select(part),
-                    sites=sites,
-                    corruption=None,
-                    direction=direction,
-                    per_position=per_position,
-                    qk_fix=False,
-                    grad_drop=False,
-                    attention_mask=None,
-                )  # fmt: skip
-            )
-    out = {}
-    for site, first in parts[0].items():
-        rs = [p[site] for p in parts]
-        out[site] = PatchResult(
-            values=torch.cat([r.values for r in rs]),
-            clean=torch.cat([r.clean for r in rs]),
-            corrupted=torch.cat([r.corrupted for r in rs]),
-            axes=first.axes,
-            coords=first.coords,
-            site=site,
-            direction=direction,
-            metric=first.metric,
-            method="atp",
-            info={"per_position": per_position, "hooked": True, "max_batch": max_batch},
-        )
-    # the parts' warnings are the whole batch's to tell: told once, for all the prompts
-    for w in caught:
-        if not issubclass(w.category, RuntimeWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    _check_corrupted_run(out)
-    _warn_if_no_gradient(out, direction, metric)
-    return out
+def _atp_hooked_pass(model, src, tgt, metric, site_of: dict, direction: str, per_position: bool):
+    """One source forward, one target forward and one backward of :func:`_atp_hooked` over prompts ``src`` /
+    ``tgt`` (checked, where the model is), at the hook points ``site_of`` names (hook name -> site): ``(clean
+    run's metric, corrupted run's metric, {hook name: estimate (batch[, pos])})``, all detached."""
+    from ..losses import read_logits
+
+    pos = metric_positions(metric, *src.shape)
+
+    def at_pos(tokens):
+        return logits_at(read_logits(model(tokens)), pos)
+
+    names = site_of.keys()
+    src_cache: dict[str, torch.Tensor] = {}
+    with (
+        torch.no_grad(),
+        model.hooks([(lambda n: n in names, lambda x, hook: src_cache.__setitem__(hook.name, x.detach()))]),
+    ):
+        src_logits = at_pos(src)
+    captured: dict[str, torch.Tensor] = {}
+    with (
+        torch.enable_grad(),
+        frozen_parameters(model),
+        model.hooks([(lambda n: n in names, _capturing(captured))]),
+    ):
+        logits = at_pos(tgt)
+        clean_logits = src_logits if direction == "denoising" else logits.detach()
+        m_clean, m_tgt_full = _metric_of_runs(metric, clean_logits, logits, src.shape[0])
+        _require_gradient(m_tgt_full)
+        wanted = sorted(names)
+        gs = torch.autograd.grad(m_tgt_full.sum(), [captured[n] for n in wanted], allow_unused=True)
+    m_tgt = m_tgt_full.detach()
+    m_corr = m_tgt if direction == "denoising" else metric(src_logits).detach()
+    est = {}
+    for n, g in zip(wanted, gs):
+        g = g if g is not None else torch.zeros_like(captured[n])
+        diff = _wide(src_cache[n]) - _wide(captured[n].detach())
+        est[n] = _reduce(site_of[n], diff * _wide(g), per_position).detach()
+    return m_clean, m_corr, est
 
 
 class _ExactStageMemory(int):
