@@ -378,9 +378,9 @@ def sample(
         batched is 1.04-1.34x faster for 4-20 chains of MLPs of 22k and 99k parameters and 1.5-2.6x for a
         10k-parameter transformer, and slower from about 260k parameters on (0.82-0.87x at 263k, 0.45-0.60x at
         1.05 million). Both give the same draws for the same seed, up to float rounding. Whether the loss runs
-        under vmap is found at the first step (of a run, or of a resumed run): an exception there is checked by calling the loss without vmap for each
-        chain on its batch; one raised there too is the loss function's own and propagates as it is, only one
-        that vmap alone meets means "does not run under vmap". Batched chains stack their batches of a step: with
+        under vmap is found at the first step (of a run, or of a resumed run): an exception there is checked by
+        calling the loss without vmap for each chain on its batch; one raised there too is the loss function's
+        own and propagates as it is, only one that vmap alone meets means "does not run under vmap". Batched chains stack their batches of a step: with
         ``batched=None``, chains whose batches of a step differ in shape (a collate that pads each batch to its
         own longest sequence) go on one after another from that step (the result's ``batched`` is False);
         ``batched=True`` refuses them (ValueError naming ``loader`` and the shapes).
