@@ -59,6 +59,8 @@ def _hf(kind: str, **kw):
             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
             "olmo": (transformers.OlmoConfig, transformers.OlmoForCausalLM),
             "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM),
+            "arcee": (transformers.ArceeConfig, transformers.ArceeForCausalLM),
+            "glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
         }[kind]
         cfg = conf(
             vocab_size=V, hidden_size=12, num_hidden_layers=2, num_attention_heads=kw.get("H", 6),
@@ -304,6 +306,10 @@ FAMILIES = {
     "olmo": ("olmo", dict(H=3, Hk=1), 1e-10),  # LayerNorms without weights, one key/value head
     # LayerNorms and biases on every projection
     "starcoder2": ("starcoder2", dict(H=3, Hk=3, x=dict(residual_dropout=0.0, embedding_dropout=0.0)), 1e-10),
+    # a plain squared-ReLU MLP, biases on every projection
+    "arcee": ("arcee", dict(H=3, Hk=1, x=dict(attention_bias=True, mlp_bias=True, pad_token_id=None)), 1e-5),
+    # adjacent rotary pairs on half of each head, q/k/v biases, a fused gate_up_proj
+    "glm": ("glm", dict(H=3, Hk=3, x=dict(head_dim=4, pad_token_id=None)), 1e-5),
 }
 
 

@@ -382,6 +382,74 @@ CASES = {
             use_bias=True,
         ),
     ),
+    "ministral-windows-gqa2": (  # a sliding window on the layers layer_types names
+        "Ministral",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            intermediate_size=40,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            pad_token_id=None,
+        ),
+    ),
+    "arcee-relu2-biases": (  # a plain squared-ReLU MLP (up_proj, down_proj)
+        "Arcee",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            head_dim=8,
+            intermediate_size=36,
+            attention_bias=True,
+            mlp_bias=True,
+            pad_token_id=None,
+        ),
+    ),
+    "arcee-tied": (
+        "Arcee",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=8,
+            intermediate_size=40,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        ),
+    ),
+    "glm-partial-adjacent": (  # adjacent rotary pairs on half of each head, q/k/v biases, fused gate_up_proj
+        "Glm",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            intermediate_size=40,
+            pad_token_id=None,
+        ),
+    ),
+    "glm4-sandwich-rot0.25": (  # norms after the attention and the MLP; a quarter of each head turns
+        "Glm4",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=40,
+            partial_rotary_factor=0.25,
+            attention_bias=False,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        ),
+    ),
     "seedoss-biases": (
         "SeedOss",
         dict(
@@ -1291,6 +1359,10 @@ def test_unknown_model_class_is_refused():
         "SeedOssForCausalLM",
         "HeliumForCausalLM",
         "Ernie4_5ForCausalLM",
+        "MinistralForCausalLM",
+        "ArceeForCausalLM",
+        "GlmForCausalLM",
+        "Glm4ForCausalLM",
     }
 
 

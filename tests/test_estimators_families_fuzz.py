@@ -21,7 +21,7 @@ import pypattern as pp  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 32
-ARCHS = ["neox", "llama", "qwen2", "gemma2", "phi", "falcon", "mixtral", "opt"]
+ARCHS = ["neox", "llama", "qwen2", "gemma2", "phi", "falcon", "mixtral", "opt", "glm4", "arcee"]
 NATIVE_MASKS = {
     "neox",
     "llama",
@@ -31,6 +31,8 @@ NATIVE_MASKS = {
     "mixtral",
     "falcon",
     "opt",
+    "glm4",
+    "arcee",
 }  # masks of unconverted models
 KW = dict(
     num_chains=2,
@@ -111,6 +113,19 @@ def _hf(arch: str, dtype=torch.float64):
             experts_implementation="eager" if dtype == torch.float64 else None,
         )
         m = T.MixtralForCausalLM(cfg)
+    elif arch == "glm4":  # norms after the attention and the MLP, adjacent rotary pairs on half of each head
+        cfg = T.Glm4Config(**small, num_key_value_heads=2, head_dim=4, pad_token_id=None)
+        m = T.Glm4ForCausalLM(cfg)
+        with torch.no_grad():  # norm weights start at one and q/k/v biases at zero: make them matter
+            for n, p in m.named_parameters():
+                if "norm" in n or "bias" in n:
+                    p.add_(0.3 * torch.randn(p.shape))
+    elif arch == "arcee":  # a plain squared-ReLU MLP, biases
+        cfg = T.ArceeConfig(
+            **small, num_key_value_heads=2, attention_bias=True, mlp_bias=True, pad_token_id=None, bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
+        m = T.ArceeForCausalLM(cfg)
     else:  # OPT: learned positions with an offset, a padding_idx row, no MLP module
         cfg = T.OPTConfig(
             vocab_size=V,
@@ -155,7 +170,7 @@ def _probe(extra: int, pad: int):
 
 def _components(arch: str) -> list[str]:
     comps = ["blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
-    if arch in ("llama", "qwen2", "gemma2", "mixtral"):
+    if arch in ("llama", "qwen2", "gemma2", "mixtral", "glm4", "arcee"):
         comps.append("blocks.1.attn.kv_head.1")
     if arch == "falcon":  # multi-query: one key/value head shared by all four
         comps.append("blocks.1.attn.kv_head.0")

@@ -166,6 +166,24 @@ def _config(arch: str):
             intermediate_size=28, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=20,
             norm_topk_prob=True, **common,
         )  # fmt: skip
+    if arch == "ministral":  # sliding windows on the layers layer_types names
+        return tr.MinistralConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+            intermediate_size=40, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=None, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
+    if arch == "arcee":  # a plain squared-ReLU MLP, biases
+        return tr.ArceeConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+            intermediate_size=40, attention_bias=True, mlp_bias=True, pad_token_id=None, bos_token_id=0,
+            eos_token_id=0, **common,
+        )  # fmt: skip
+    if arch in ("glm", "glm4"):  # adjacent rotary pairs on half of each head, a fused gate_up_proj
+        cls = tr.GlmConfig if arch == "glm" else tr.Glm4Config  # GLM-4: norms after the attention and the MLP
+        return cls(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            intermediate_size=40, pad_token_id=None, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
@@ -173,7 +191,7 @@ ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "stablelm_qkln", "starcoder2",
     "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
-    "helium", "ernie4_5",
+    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4",
 ]  # fmt: skip
 MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}
@@ -215,6 +233,8 @@ def _parts(m, writes: bool = False):
         return m.model.layers, "self_attn", "mlp", m.model.final_layernorm
     if writes and mt in ("gemma2", "gemma3_text", "olmo2"):
         return m.model.layers, "post_attention_layernorm", "post_feedforward_layernorm", m.model.norm
+    if writes and mt == "glm4":
+        return m.model.layers, "post_self_attn_layernorm", "post_mlp_layernorm", m.model.norm
     return m.model.layers, "self_attn", "mlp", m.model.norm
 
 

@@ -203,6 +203,27 @@ FAMILIES = {
         None,
         True,
     ),
+    "arcee-relu2-biases": (
+        "Arcee",
+        "ArceeForCausalLM",
+        dict(LLAMA, attention_bias=True, mlp_bias=True),
+        None,
+        True,
+    ),
+    "glm4-sandwich-adjacent-rot0.5": (
+        "Glm4",
+        "Glm4ForCausalLM",
+        dict(LLAMA, head_dim=8),
+        None,
+        True,
+    ),
+    "ministral-layer-windows": (
+        "Ministral",
+        "MinistralForCausalLM",
+        dict(LLAMA, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"]),
+        None,
+        True,
+    ),
     "bigcode-mqa": (
         "GPTBigCode",
         "GPTBigCodeForCausalLM",

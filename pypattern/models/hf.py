@@ -2,7 +2,8 @@
 
 :func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2,
 GPT-Neo, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, StableLM,
-StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, GPT-BigCode, and the mixtures of experts Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so
+StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, Ministral, Arcee, GLM, GLM-4, GPT-BigCode, and the mixtures of experts
+Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so
 that ``forward`` returns logits and the residual-stream hook points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
 over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
 
@@ -279,6 +280,20 @@ HF_ARCHS: dict[str, HFArch] = {
     "seed_oss": HFArch("seed_oss", **_LLAMA_LIKE),
     "helium": HFArch("helium", **_LLAMA_LIKE),
     "ernie4_5": HFArch("ernie4_5", **_LLAMA_LIKE),
+    "ministral": HFArch("ministral", **_LLAMA_LIKE),  # sliding windows on the layers layer_types names
+    "arcee": HFArch("arcee", **_LLAMA_LIKE),  # a plain MLP (up_proj, down_proj)
+    "glm": HFArch("glm", **_LLAMA_LIKE),  # a fused gate_up_proj, adjacent rotary pairs on part of each head
+    # GLM-4: norms after the attention and after the MLP; the writes to the residual stream are their outputs
+    "glm4": HFArch(
+        "glm4",
+        **{
+            **_LLAMA_LIKE,
+            "ln1_post": "post_self_attn_layernorm",
+            "ln2_post": "post_mlp_layernorm",
+            "attn_write": "post_self_attn_layernorm",
+            "mlp_write": "post_mlp_layernorm",
+        },
+    ),
     # OLMo 2 / 3: no norms in front of the attention and the MLP (no ln1 / ln2; ln1_post / ln2_post are the norms
     # after them, the only ones a layer has, as the converted model names them), the writes are those norms'
     # outputs, one query/key norm across all heads
@@ -1043,7 +1058,8 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
     ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``smollm3``, ``seed_oss``, ``helium``,
-    ``ernie4_5``, ``gpt_bigcode`` and the mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
+    ``ernie4_5``, ``ministral``, ``arcee``, ``glm``, ``glm4``, ``gpt_bigcode`` and the mixtures of experts
+    ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
     (``hook_mlp_out`` is the sparse block's output). A causal LM of another family that
     :func:`~pypattern.from_hf` does not convert either (Mamba, CodeGen, Cohere, MPT, ...) gets the residual stream
     alone (:func:`generic_hf_arch`): ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and, when

@@ -14,7 +14,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.granite`: ``GraniteForCausalLM``
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``, ``HeliumForCausalLM``,
-  ``Ernie4_5ForCausalLM``
+  ``Ernie4_5ForCausalLM``, ``MinistralForCausalLM``, ``ArceeForCausalLM``, ``GlmForCausalLM``, ``Glm4ForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of
   experts)

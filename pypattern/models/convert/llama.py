@@ -46,7 +46,8 @@ def llama_like(
     RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, one per layer, or None,
     checked against each layer's attention.
     ``qkv`` / ``mlp`` read a layer's projections (separate ``q/k/v_proj`` and ``gate/up/down_proj`` by default;
-    Phi-3 fuses them); ``partial_rotary``: the model rotates only the first dimensions of each head;
+    Phi-3 fuses them; a plain MLP's reader gives None for the gate and its bias); ``partial_rotary``: the model
+    rotates only the first dimensions of each head;
     ``any_scaling``: the scores' multiplier may differ from ``head_dim ** -0.5``. A multiplier other than
     ``head_dim ** -0.5`` (``1 / sqrt(head_dim)``, one ulp away, or any with ``any_scaling``) becomes
     ``attn_scores_multiplier``: the scores are multiplied by it as the eager attention does."""
@@ -68,9 +69,10 @@ def llama_like(
             f"this model rotates the whole head (head_dim={dh}); a partial rotary factor is not applied by it",
         )
     splits = [(qkv(m.self_attn), mlp(m.mlp)) for m in layers]
+    gated = all_or_none([f[0] for _, f in splits], "gate projections")  # a plain MLP's reader gives no gate
     attn_in_bias = all_or_none([b for q, _ in splits for b in q[3:]], "q/k/v projection biases")
     attn_out_bias = all_or_none([m.self_attn.o_proj.bias for m in layers], "o_proj biases")
-    mlp_bias = all_or_none([b for _, f in splits for b in f[3:]], "mlp_bias")
+    mlp_bias = all_or_none([b for _, f in splits for b in f[3 if gated else 4 :]], "mlp_bias")
     emb, lm, tied, lm_b = unembedding(model)
     eps = layers[0].input_layernorm.variance_epsilon
     cfg = dict(
@@ -86,7 +88,7 @@ def llama_like(
         normalization_type="RMS",
         norm_dtype=torch.float32,
         **rotary_fields(base, rotary_dim, freq_dtype, rot_scaling),
-        gated_mlp=True,
+        gated_mlp=gated,
         attn_bias=attn_in_bias,
         attn_out_bias=attn_out_bias,
         mlp_bias=mlp_bias,
@@ -118,7 +120,12 @@ def llama_like(
         norm(f"{p}.ln1", layer.input_layernorm)
         norm(f"{p}.ln2", layer.post_attention_layernorm)
         put_attention(w, p, splits[i][0], a.o_proj.weight, a.o_proj.bias, H, Hkv, dh)
-        put_gated_mlp(w, p, splits[i][1])
+        if gated:
+            put_gated_mlp(w, p, splits[i][1])
+        else:
+            _, Wu, Wd, _, bu, bd = splits[i][1]
+            w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = Wu.T, bu
+            w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.T, bd
     norm("ln_final", base_model.norm)
     put_unembedding(w, lm, tied, lm_b)
     return cfg, w

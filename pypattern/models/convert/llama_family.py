@@ -10,6 +10,15 @@
   sqrt(head_dim)``, one ulp from ``head_dim ** -0.5``, kept exactly (``attn_scores_multiplier``).
 * **ERNIE 4.5** (``Ernie4_5ForCausalLM``, the dense models): rotary pairs ``(2i, 2i + 1)``, queries and keys cast to
   float32 before they turn (``rotary_input_dtype``); biases per ``use_bias``.
+* **Ministral** (``MinistralForCausalLM``): Mistral's layers with a sliding window on the layers ``layer_types``
+  names (``"sliding_attention"``), full attention on the others.
+* **Arcee** (``ArceeForCausalLM``): a plain MLP ``down_proj(act(up_proj(x)))`` (squared ReLU in the released
+  checkpoints), no gate; biases per ``attention_bias`` and ``mlp_bias``.
+* **GLM** (``GlmForCausalLM``) and **GLM-4** (``Glm4ForCausalLM``): rotary pairs ``(2i, 2i + 1)`` on the first
+  ``partial_rotary_factor`` of each head (half by default), biases on the q/k/v projections (``attention_bias``),
+  one fused ``gate_up_proj`` (the gate's rows, then the up projection's). GLM-4 adds a norm after the attention
+  (``post_self_attn_layernorm``) and one after the MLP (``post_mlp_layernorm``) before each write to the residual
+  stream (``use_normalization_before_and_after``; ``post_attention_layernorm`` is the norm in front of the MLP).
 """
 
 from __future__ import annotations
@@ -19,13 +28,63 @@ from torch import nn
 
 from ._common import refuse
 from .llama import llama_like
+from .qwen2 import layer_windows
 
-CLASSES = ("SmolLM3ForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM", "Ernie4_5ForCausalLM")
+CLASSES = (
+    "SmolLM3ForCausalLM",
+    "SeedOssForCausalLM",
+    "HeliumForCausalLM",
+    "Ernie4_5ForCausalLM",
+    "MinistralForCausalLM",
+    "ArceeForCausalLM",
+    "GlmForCausalLM",
+    "Glm4ForCausalLM",
+)
+
+
+def _plain_mlp(m: nn.Module) -> tuple:
+    """:func:`~._common.split_gated_mlp`'s tuple of a plain MLP (``up_proj``, ``down_proj``): no gate."""
+    return None, m.up_proj.weight, m.down_proj.weight, None, m.up_proj.bias, m.down_proj.bias
+
+
+def _fused_gate_up(m: nn.Module) -> tuple:
+    """:func:`~._common.split_gated_mlp`'s tuple of a ``gate_up_proj`` MLP (the gate's rows first), without biases
+    (GLM's fused projection has none)."""
+    W = m.gate_up_proj.weight
+    if m.gate_up_proj.bias is not None:
+        refuse("gate_up_proj.bias", "present", "GLM's fused gate/up projection is converted without a bias")
+    n = W.shape[0] // 2
+    return W[:n], W[n:], m.down_proj.weight, None, None, m.down_proj.bias
+
+
+def _glm(model: nn.Module, sandwich: bool) -> tuple[dict, dict]:
+    cfg, w = llama_like(model, mlp=_fused_gate_up, partial_rotary=True)
+    cfg["rotary_adjacent_pairs"] = True
+    if not sandwich:
+        return cfg, w
+    cfg["use_normalization_before_and_after"] = True
+    eps = cfg["ln_eps"]
+    for i, layer in enumerate(model.model.layers):
+        for dst, mod in (
+            ("ln1_post", layer.post_self_attn_layernorm),
+            ("ln2_post", layer.post_mlp_layernorm),
+        ):
+            if mod.variance_epsilon != eps:
+                refuse("rms_norm_eps", mod.variance_epsilon, f"differs between norms ({eps} elsewhere)")
+            w[f"blocks.{i}.{dst}.w"] = mod.weight
+    return cfg, w
 
 
 def convert(model: nn.Module) -> tuple[dict, dict]:
-    """``(config kwargs, weights by pypattern name)`` of a SmolLM3, Seed-OSS, Helium or ERNIE 4.5 causal LM."""
+    """``(config kwargs, weights by pypattern name)`` of a SmolLM3, Seed-OSS, Helium, ERNIE 4.5, Ministral, Arcee,
+    GLM or GLM-4 causal LM."""
     name = type(model).__name__
+    if name == "MinistralForCausalLM":  # sliding windows on the layers layer_types names
+        return llama_like(model, sliding_window=layer_windows(model))
+    if name == "ArceeForCausalLM":  # a plain MLP
+        return llama_like(model, mlp=_plain_mlp)
+    if name in ("GlmForCausalLM", "Glm4ForCausalLM"):
+        return _glm(model, sandwich=name == "Glm4ForCausalLM")
     if name == "HeliumForCausalLM":  # rotary pairs (2i, 2i + 1); RMSNorm weights multiplied before the cast
         cfg, w = llama_like(model)
         cfg["rotary_adjacent_pairs"] = True
