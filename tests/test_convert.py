@@ -382,6 +382,21 @@ CASES = {
             use_bias=True,
         ),
     ),
+    "vaultgemma-window-capped-logits": (  # Gemma 2 without the norms after the attention and the MLP
+        "VaultGemma",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=40,
+            sliding_window=3,
+            query_pre_attn_scalar=10,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=5.0,
+        ),
+    ),
     "ministral-windows-gqa2": (  # a sliding window on the layers layer_types names
         "Ministral",
         dict(
@@ -923,8 +938,8 @@ def test_attention_implementations_equal_hf_in_float64(case, impl):
     to 1e-10."""
     family = CASES[case][0]
     if (
-        family in ("GPTNeo", "Gemma2", "Bloom") and impl != "eager"
-    ):  # soft-capped scores (Gemma 2): eager only
+        family in ("GPTNeo", "Gemma2", "VaultGemma", "Bloom") and impl != "eager"
+    ):  # soft-capped scores (Gemma 2, VaultGemma): eager only
         with pytest.raises(ValueError, match="does not support"):
             hf_model(case, attn_implementation=impl)
         return
@@ -1363,6 +1378,7 @@ def test_unknown_model_class_is_refused():
         "ArceeForCausalLM",
         "GlmForCausalLM",
         "Glm4ForCausalLM",
+        "VaultGemmaForCausalLM",
     }
 
 

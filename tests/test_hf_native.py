@@ -166,6 +166,12 @@ def _config(arch: str):
             intermediate_size=28, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=20,
             norm_topk_prob=True, **common,
         )  # fmt: skip
+    if arch == "vaultgemma":  # Gemma 2 without the norms after the attention and the MLP
+        return tr.VaultGemmaConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+            intermediate_size=40, sliding_window=3, query_pre_attn_scalar=8, attn_logit_softcapping=3.0,
+            final_logit_softcapping=5.0, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
     if arch == "ministral":  # sliding windows on the layers layer_types names
         return tr.MinistralConfig(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
@@ -191,7 +197,7 @@ ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "stablelm_qkln", "starcoder2",
     "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
-    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4",
+    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4", "vaultgemma",
 ]  # fmt: skip
 MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}

@@ -1,11 +1,12 @@
 """Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
 
-:func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2,
-GPT-Neo, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, StableLM,
+:func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2, GPT-Neo,
+GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), VaultGemma, OLMo 1-3, StableLM,
 StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, Ministral, Arcee, GLM, GLM-4, GPT-BigCode, and the mixtures of experts
-Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so
-that ``forward`` returns logits and the residual-stream hook points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
-over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
+Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so that ``forward`` returns logits and the residual-stream hook points of
+TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding
+parameter masks over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and
+demos.
 
 ``transformers`` is optional: :func:`gpt2_from_config` raises ``ImportError`` (with the reason) when it is not
 installed; the adapters need only a model object.
@@ -272,6 +273,8 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("gemma2", "gemma3_text")
     },
+    # VaultGemma: Gemma 2 without the norms after the attention and the MLP
+    "vaultgemma": HFArch("vaultgemma", **{**_LLAMA_LIKE, "ln2": "pre_feedforward_layernorm"}),
     # StableLM: LayerNorms; with use_parallel_residual one norm for both
     "stablelm": HFArch("stablelm", **_LLAMA_LIKE, parallel_residual="use_parallel_residual"),
     "olmo": HFArch("olmo", **_LLAMA_LIKE),  # LayerNorms without parameters, clamped q/k/v projections
@@ -1057,7 +1060,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
-    ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``smollm3``, ``seed_oss``, ``helium``,
+    ``vaultgemma``, ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``smollm3``, ``seed_oss``, ``helium``,
     ``ernie4_5``, ``ministral``, ``arcee``, ``glm``, ``glm4``, ``gpt_bigcode`` and the mixtures of experts
     ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
     (``hook_mlp_out`` is the sparse block's output). A causal LM of another family that

@@ -6,7 +6,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gpt2`: ``GPT2LMHeadModel``
 - :mod:`.falcon`: ``FalconForCausalLM`` (rotary Falcon models: Falcon-7B/40B/180B layouts)
 - :mod:`.gemma`: ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``, ``Gemma3ForConditionalGeneration``
-  (its language model)
+  (its language model), ``VaultGemmaForCausalLM``
 - :mod:`.gpt_bigcode`: ``GPTBigCodeForCausalLM`` (SantaCoder, StarCoder 1)
 - :mod:`.gpt_neo`: ``GPTNeoForCausalLM`` (GPT-Neo, the TinyStories models)
 - :mod:`.gpt_neox`: ``GPTNeoXForCausalLM`` (GPT-NeoX, Pythia)

@@ -14,6 +14,10 @@ layers ``layer_types`` names. Gemma 3 drops the score capping (its attention app
 ``attn_logit_softcapping`` says), adds per-head query/key norms
 (``qk_norm``, with the same ``1 + w`` weights) and gives local and global layers their own rotary base and scaling.
 The eager attention takes its softmax in float32 (as the Llama family's).
+
+VaultGemma (``VaultGemmaForCausalLM``) is Gemma 2 without the norms after the attention and the MLP: the
+``pre_feedforward_layernorm`` in front of the MLP is its second norm, and the writes reach the residual stream as
+the attention and the MLP give them.
 """
 
 from __future__ import annotations
@@ -41,7 +45,13 @@ from ._common import (
     window_setting,
 )
 
-CLASSES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+CLASSES = (
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "VaultGemmaForCausalLM",
+)
 
 
 class _LanguageModel:
@@ -75,7 +85,12 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     ``Gemma3ForConditionalGeneration``, its language model (the converted model reads tokens; the vision tower and
     its projector are not part of it)."""
     name = type(model).__name__
-    gen = 1 if name == "GemmaForCausalLM" else (2 if name == "Gemma2ForCausalLM" else 3)
+    vault = name == "VaultGemmaForCausalLM"  # Gemma 2 without the norms after the attention and the MLP
+    gen = (
+        1
+        if name == "GemmaForCausalLM"
+        else (2 if name in ("Gemma2ForCausalLM", "VaultGemmaForCausalLM") else 3)
+    )
     if name == "Gemma3ForConditionalGeneration":
         model = _LanguageModel(model)
     c = model.config
@@ -147,7 +162,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         attn_scale=1.0 / scaling,
         sliding_window=window_setting(windows),
         qk_norm=gen == 3,
-        use_normalization_before_and_after=gen > 1,
+        use_normalization_before_and_after=gen > 1 and not vault,
         attn_scores_soft_cap=attn_cap,
         output_logits_soft_cap=logit_cap,
         attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=True),
@@ -165,6 +180,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         norm(f"{p}.ln1", layer.input_layernorm)
         if gen == 1:
             norm(f"{p}.ln2", layer.post_attention_layernorm)
+        elif vault:
+            norm(f"{p}.ln2", layer.pre_feedforward_layernorm)
         else:
             norm(f"{p}.ln1_post", layer.post_attention_layernorm)
             norm(f"{p}.ln2", layer.pre_feedforward_layernorm)
