@@ -397,6 +397,33 @@ CASES = {
             final_logit_softcapping=5.0,
         ),
     ),
+    "exaone4-nope-global-layers": (  # norms after the sublayers, per-head q/k norms, rotary on sliding layers only
+        "Exaone4",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=40,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
+    "exaone4-no-window-tied": (
+        "Exaone4",
+        dict(
+            hidden_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=8,
+            intermediate_size=40,
+            sliding_window=None,
+            layer_types=["full_attention"] * 2,
+            tie_word_embeddings=True,
+        ),
+    ),
     "ministral-windows-gqa2": (  # a sliding window on the layers layer_types names
         "Ministral",
         dict(
@@ -1379,6 +1406,7 @@ def test_unknown_model_class_is_refused():
         "GlmForCausalLM",
         "Glm4ForCausalLM",
         "VaultGemmaForCausalLM",
+        "Exaone4ForCausalLM",
     }
 
 

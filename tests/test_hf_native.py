@@ -172,6 +172,12 @@ def _config(arch: str):
             intermediate_size=40, sliding_window=3, query_pre_attn_scalar=8, attn_logit_softcapping=3.0,
             final_logit_softcapping=5.0, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common,
         )  # fmt: skip
+    if arch == "exaone4":  # norms after the sublayers only, per-head q/k norms, no positions on global layers
+        return tr.Exaone4Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+            intermediate_size=40, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=0, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
     if arch == "ministral":  # sliding windows on the layers layer_types names
         return tr.MinistralConfig(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
@@ -197,7 +203,7 @@ ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "stablelm_qkln", "starcoder2",
     "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
-    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4", "vaultgemma",
+    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4", "vaultgemma", "exaone4",
 ]  # fmt: skip
 MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}
@@ -237,7 +243,7 @@ def _parts(m, writes: bool = False):
         return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
     if mt == "phi":
         return m.model.layers, "self_attn", "mlp", m.model.final_layernorm
-    if writes and mt in ("gemma2", "gemma3_text", "olmo2"):
+    if writes and mt in ("gemma2", "gemma3_text", "olmo2", "exaone4"):
         return m.model.layers, "post_attention_layernorm", "post_feedforward_layernorm", m.model.norm
     if writes and mt == "glm4":
         return m.model.layers, "post_self_attn_layernorm", "post_mlp_layernorm", m.model.norm

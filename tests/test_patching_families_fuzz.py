@@ -217,6 +217,13 @@ FAMILIES = {
         None,
         True,
     ),
+    "exaone4-post-norms-nope": (
+        "Exaone4",
+        "Exaone4ForCausalLM",
+        dict(LLAMA, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"]),
+        None,
+        True,
+    ),
     "ministral-layer-windows": (
         "Ministral",
         "MinistralForCausalLM",

@@ -1,12 +1,12 @@
 """Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
 
 :func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2, GPT-Neo,
-GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), VaultGemma, OLMo 1-3, StableLM,
-StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, Ministral, Arcee, GLM, GLM-4, GPT-BigCode, and the mixtures of experts
-Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so that ``forward`` returns logits and the residual-stream hook points of
-TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding
-parameter masks over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and
-demos.
+GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), VaultGemma, OLMo 1-3, EXAONE 4,
+StableLM, StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, Ministral, Arcee, GLM, GLM-4, GPT-BigCode, and the mixtures
+of experts Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so that ``forward`` returns logits and the residual-stream hook
+points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and
+embedding parameter masks over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests
+and demos.
 
 ``transformers`` is optional: :func:`gpt2_from_config` raises ``ImportError`` (with the reason) when it is not
 installed; the adapters need only a model object.
@@ -316,6 +316,19 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("olmo2", "olmo3")
     },
+    # EXAONE 4: OLMo 2's norms, but each head's query and key normalised on its own (per-head components apply)
+    "exaone4": HFArch(
+        "exaone4",
+        **{
+            **_LLAMA_LIKE,
+            "ln1": None,
+            "ln2": None,
+            "ln1_post": "post_attention_layernorm",
+            "ln2_post": "post_feedforward_layernorm",
+            "attn_write": "post_attention_layernorm",
+            "mlp_write": "post_feedforward_layernorm",
+        },
+    ),
     # mixtures of experts: Llama's attention, the MLP a sparse block of experts ("mlp.experts", whose stacked
     # gate_up_proj / down_proj hold one expert per entry of their first axis; "blocks.{l}.mlp.expert.{e}" masks one)
     "mixtral": HFArch("mixtral", **_LLAMA_LIKE, experts="experts"),
@@ -1060,9 +1073,9 @@ def hooked_hf(model: nn.Module) -> HookedHF:
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
-    ``vaultgemma``, ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``smollm3``, ``seed_oss``, ``helium``,
-    ``ernie4_5``, ``ministral``, ``arcee``, ``glm``, ``glm4``, ``gpt_bigcode`` and the mixtures of experts
-    ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
+    ``vaultgemma``, ``olmo``, ``olmo2``, ``olmo3``, ``exaone4``, ``stablelm``, ``starcoder2``, ``smollm3``,
+    ``seed_oss``, ``helium``, ``ernie4_5``, ``ministral``, ``arcee``, ``glm``, ``glm4``, ``gpt_bigcode`` and the
+    mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
     (``hook_mlp_out`` is the sparse block's output). A causal LM of another family that
     :func:`~pypattern.from_hf` does not convert either (Mamba, CodeGen, Cohere, MPT, ...) gets the residual stream
     alone (:func:`generic_hf_arch`): ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and, when

@@ -19,7 +19,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of
   experts)
 - :mod:`.olmo`: ``OlmoForCausalLM``
-- :mod:`.olmo2`: ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``
+- :mod:`.olmo2`: ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``, ``Exaone4ForCausalLM``
 - :mod:`.opt`: ``OPTForCausalLM``
 - :mod:`.phi`: ``PhiForCausalLM`` (Phi-1, Phi-1.5, Phi-2)
 - :mod:`.phi3`: ``Phi3ForCausalLM``
