@@ -18,7 +18,15 @@ from pypattern import equivalence as eq  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GROUPS = {"llama": 2, "qwen2": 2, "gemma2": 2, "mixtral": 2, "falcon": 1}  # key/value heads (4 query heads)
+GROUPS = {
+    "llama": 2,
+    "qwen2": 2,
+    "gemma2": 2,
+    "mixtral": 2,
+    "falcon": 1,
+    "glm4": 2,
+    "arcee": 2,
+}  # key/value heads (4 query heads)
 
 
 def _tokens(b: int = 3, t: int = 8, seed: int = 0) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """hooked_hf on Hugging Face causal LMs of families with no layout of their own in the adapter and no converter
-(Mamba, CodeGen, Cohere, MPT): the residual stream read off the model (generic_hf_arch), checked against the
+(Mamba, CodeGen, Persimmon, MPT): the residual stream read off the model (generic_hf_arch), checked against the
 model's own output_hidden_states, and residual-site patching against a naive loop of forward hooks written here."""
 
 import pytest
@@ -28,14 +28,14 @@ def _model(kind: str):
         "codegen": lambda: tr.CodeGenConfig(
             vocab_size=V, n_embd=24, n_layer=3, n_head=3, n_positions=32, rotary_dim=4
         ),
-        "cohere": lambda: tr.CohereConfig(
+        "persimmon": lambda: tr.PersimmonConfig(
             vocab_size=V,
-            hidden_size=24,
+            hidden_size=32,
             num_hidden_layers=3,
             num_attention_heads=4,
-            num_key_value_heads=2,
             intermediate_size=40,
             max_position_embeddings=32,
+            qk_layernorm=True,
         ),  # fmt: skip
         "mpt": lambda: tr.MptConfig(vocab_size=V, d_model=24, n_layers=3, n_heads=4, max_seq_len=32),
         # GPT-1: post-norm layers that return a list, no final norm
@@ -48,9 +48,9 @@ def _model(kind: str):
     return tr.AutoModelForCausalLM.from_config(cfg).double().eval()
 
 
-KINDS = ["mamba", "codegen", "cohere", "mpt", "openai-gpt"]
+KINDS = ["mamba", "codegen", "persimmon", "mpt", "openai-gpt"]
 BASE = {"mamba": ("backbone", "layers", "norm_f"), "codegen": ("transformer", "h", "ln_f"),
-        "cohere": ("model", "layers", "norm"), "mpt": ("transformer", "blocks", "norm_f"),
+        "persimmon": ("model", "layers", "final_layernorm"), "mpt": ("transformer", "blocks", "norm_f"),
         "openai-gpt": ("transformer", "h", "")}  # fmt: skip
 
 
@@ -161,11 +161,11 @@ def test_residual_patching_equals_a_naive_loop_of_forward_hooks(kind, site):
 
 @pytest.mark.parametrize("site", ["attn_out", "mlp_out", "z", "resid_mid"])
 def test_sites_inside_a_layer_are_refused_naming_the_residual_sites(site):
-    model = _model("cohere")
+    model = _model("persimmon")
     x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
     metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
     with pytest.raises(
-        ValueError, match=r"model_type='cohere' has no layout of its own .*sites resid_post, resid_pre"
+        ValueError, match=r"model_type='persimmon' has no layout of its own .*sites resid_post, resid_pre"
     ):
         activation_patching(model, site, x, x.flip(0), metric=metric, quiet=True)
 
@@ -276,7 +276,7 @@ def _first_order_by_hand(model, layer_mod, src, tgt, metric, pre: bool):
     )
 
 
-@pytest.mark.parametrize("kind", ["mamba", "cohere", "openai-gpt"])
+@pytest.mark.parametrize("kind", ["mamba", "persimmon", "openai-gpt"])
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_attribution_patching_at_residual_sites_equals_autograd_through_forward_hooks(kind, direction):
     from pypattern import attribution_patching
@@ -348,7 +348,7 @@ def test_attribution_patching_on_a_generic_model_refuses_ablations():
     from pypattern import attribution_patching
     from pypattern.patching.corruptions import ZeroAblation
 
-    model = _model("cohere")
+    model = _model("persimmon")
     x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
     metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
     with pytest.raises(ValueError, match=r"corruption=ZeroAblation: .* from corrupted prompts only"):
@@ -383,7 +383,7 @@ def test_component_masks_need_the_layers_inside_and_are_refused():
 def test_attribution_patching_in_parts_of_max_batch_prompts_equals_one_pass(direction):
     from pypattern import attribution_patching
 
-    model = _model("cohere")
+    model = _model("persimmon")
     g = torch.Generator().manual_seed(9)
     clean = torch.randint(0, V, (5, 6), generator=g)
     corrupted = torch.randint(0, V, (5, 6), generator=g)

@@ -172,6 +172,11 @@ def _config(arch: str):
             intermediate_size=40, sliding_window=3, query_pre_attn_scalar=8, attn_logit_softcapping=3.0,
             final_logit_softcapping=5.0, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common,
         )  # fmt: skip
+    if arch == "cohere":  # parallel attention and MLP on one LayerNorm, per-head query/key LayerNorms
+        return tr.CohereConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            use_qk_norm=True, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
     if arch == "exaone4":  # norms after the sublayers only, per-head q/k norms, no positions on global layers
         return tr.Exaone4Config(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
@@ -203,7 +208,7 @@ ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "stablelm_qkln", "starcoder2",
     "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
-    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4", "vaultgemma", "exaone4",
+    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4", "vaultgemma", "exaone4", "cohere",
 ]  # fmt: skip
 MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}
@@ -294,7 +299,7 @@ def test_residual_hooks_equal_hf_hidden_states_and_module_outputs(arch):
             torch.testing.assert_close(post, hs[layer + 1], rtol=0, atol=0)
         else:  # HF's last hidden state is after the final norm; resid_post of the last layer is before it
             torch.testing.assert_close(ln_f(post), hs[-1], rtol=0, atol=0)
-        if arch in ("neox", "phi", "gptj"):  # parallel attention and MLP: no resid_mid
+        if arch in ("neox", "phi", "gptj", "cohere"):  # parallel attention and MLP: no resid_mid
             assert f"blocks.{layer}.hook_resid_mid" not in cache
             torch.testing.assert_close(post, pre + a + f, rtol=1e-12, atol=1e-12)
         else:
@@ -333,7 +338,7 @@ def _hand_patch(m, site: str, layer: int, delta: torch.Tensor):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"])
 def test_patching_a_residual_site_equals_a_hand_written_hf_hook(arch, site):
-    if arch in ("neox", "phi", "gptj") and site == "resid_mid":
+    if arch in ("neox", "phi", "gptj", "cohere") and site == "resid_mid":
         pytest.skip("parallel attention has no resid_mid")
     m = _model(arch)
     hm = hooked_hf(m)
@@ -486,15 +491,15 @@ def _head_results(m, layer, args, kwargs) -> torch.Tensor:
 
 
 def _perturb(m, masks: dict, complement: bool = False, seed: int = 0, keep: tuple = ()):
-    """Add noise to the selected entries (or to every entry outside them, except parameters whose name contains
-    one of ``keep``); returns the saved parameters."""
+    """Add noise to the selected entries (or to every entry outside them, except in the parameters outside the
+    masks whose name contains one of ``keep``); returns the saved parameters."""
     g = torch.Generator().manual_seed(seed)
     saved = {n: p.detach().clone() for n, p in m.named_parameters()}
     with torch.no_grad():
         for n, p in m.named_parameters():
             sel = masks.get(n, torch.zeros_like(p, dtype=torch.bool))
             if complement:
-                sel = ~sel if not any(k in n for k in keep) else sel
+                sel = sel if n not in masks and any(k in n for k in keep) else ~sel
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * sel)
     return saved
 
@@ -553,7 +558,8 @@ def test_head_mask_moves_exactly_that_head(arch):
             assert set(whole) >= set(masks) and all(bool((whole[n] >= masks[n]).all()) for n in masks)
             assert sum(int(t.sum()) for t in whole.values()) > sum(int(t.sum()) for t in masks.values())
         # Qwen3's per-head query and key norms have one weight shared by every head: part of no head's component,
-        # they feed every head, so they stay out of the complement too
+        # they feed every head, so they stay out of the complement too (Cohere's hold a row per head, each part of
+        # its head: the other heads' rows are in the complement)
         saved = _perturb(m, whole, complement=True, seed=1, keep=(".q_norm.", ".k_norm."))
         try:
             rest = _head_results(m, layer, args, kwargs)
@@ -938,3 +944,68 @@ def test_a_norm_without_parameters_is_named_as_such():
             component_masks(m, c)
     with pytest.raises(ValueError, match="matches no parameter"):
         component_masks(m, "nonsense")
+
+
+# ------------------------------------------------------------------------- a family with a layout, not converted
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_cohere_attribution_at_attention_and_mlp_outputs_equals_autograd_through_forward_hooks(direction):
+    """Cohere runs through the adapter only (from_hf does not convert it): AtP at ``attn_out`` and ``mlp_out``
+    goes through its hook points, and equals the first-order term taken by hand with forward hooks on the model's
+    own attention and MLP modules (a zero leaf added to each of the target run's outputs, its gradient by
+    autograd)."""
+    from pypattern import attribution_patching
+    from pypattern.patching import LogitDiff
+
+    m = _model("cohere")
+    clean, corrupted = _tokens(4, batch=3), _tokens(5, batch=3)
+    metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+    out = attribution_patching(
+        m, clean, corrupted, metric=metric, sites=["attn_out", "mlp_out"], direction=direction
+    )
+    src, tgt = (clean, corrupted) if direction == "denoising" else (corrupted, clean)
+    layers = m.model.layers
+
+    def run(tokens, leaves: bool):
+        acts, handles = {}, []
+        for i, layer in enumerate(layers):
+            for name in ("self_attn", "mlp"):
+
+                def hook(mod, args, o, key=(name, i)):
+                    t = o[0] if isinstance(o, tuple) else o
+                    acts[key] = t.detach()
+                    if not leaves:
+                        return None
+                    # a zero leaf added on: its gradient is the output's, through every later module
+                    acts[key, "leaf"] = zero = torch.zeros_like(t, requires_grad=True)
+                    return (t + zero, *o[1:]) if isinstance(o, tuple) else t + zero
+
+                handles.append(getattr(layer, name).register_forward_hook(hook))
+        try:
+            return metric(m(tokens).logits[:, -1]), acts
+        finally:
+            for h in handles:
+                h.remove()
+
+    with torch.enable_grad():
+        _, a_src = run(src, False)
+        value, a_tgt = run(tgt, True)
+        value.sum().backward()
+    for site, name in (("attn_out", "self_attn"), ("mlp_out", "mlp")):
+        want = torch.stack(
+            [
+                ((a_src[name, i] - a_tgt[name, i]) * a_tgt[(name, i), "leaf"].grad).sum(-1)
+                for i in range(len(layers))
+            ],
+            1,
+        )
+        got = out[site].values - value.detach()[:, None, None]
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert float(want.abs().max()) > 1e-4
+    with pytest.raises(
+        ValueError, match=r"site='z' needs .*from_hf does not convert CohereForCausalLM.*attn_out"
+    ):
+        from pypattern import activation_patching
+
+        activation_patching(m, "z", clean, corrupted, metric=metric, quiet=True)

@@ -316,6 +316,11 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("olmo2", "olmo3")
     },
+    # Cohere / Cohere 2 (Command R, Aya): attention and MLP in parallel reading one LayerNorm (ln1; no ln2); with
+    # use_qk_norm, per-head query/key LayerNorms whose weights hold one row per head (part of that head)
+    **{
+        mt: HFArch(mt, **{**_LLAMA_LIKE, "ln2": None}, parallel_residual=True) for mt in ("cohere", "cohere2")
+    },
     # EXAONE 4: OLMo 2's norms, but each head's query and key normalised on its own (per-head components apply)
     "exaone4": HFArch(
         "exaone4",
@@ -460,7 +465,7 @@ def _config_layers(config: Any) -> int | None:
 
 def generic_hf_arch(model: nn.Module) -> HFArch:
     """The residual-stream layout of a Hugging Face causal LM of a family not in :data:`HF_ARCHS` (Mamba,
-    CodeGen, Cohere, MPT, ...), read off the model: the decoder (``model.base_model_prefix``), its one
+    CodeGen, Persimmon, MPT, ...), read off the model: the decoder (``model.base_model_prefix``), its one
     ``nn.ModuleList`` of ``config.num_hidden_layers`` layers, the input embedding module
     (``get_input_embeddings()``) and, when the decoder has one under a usual name (``norm``, ``norm_f``, ``ln_f``,
     ``final_layernorm``, ...), the final norm. Nothing inside a layer is read: the adapter built on it has
@@ -1077,7 +1082,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     ``seed_oss``, ``helium``, ``ernie4_5``, ``ministral``, ``arcee``, ``glm``, ``glm4``, ``gpt_bigcode`` and the
     mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
     (``hook_mlp_out`` is the sparse block's output). A causal LM of another family that
-    :func:`~pypattern.from_hf` does not convert either (Mamba, CodeGen, Cohere, MPT, ...) gets the residual stream
+    :func:`~pypattern.from_hf` does not convert either (Mamba, CodeGen, Persimmon, MPT, ...) gets the residual stream
     alone (:func:`generic_hf_arch`): ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and, when
     its final norm is found, ``ln_final.hook_normalized``, once a forward of two tokens has shown that its layers
     run one after another on one residual stream (else it is refused). Nothing is

@@ -12,14 +12,16 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   ``(3 d_model, d_model)`` is reshaped to ``(n_heads, 3 d_head)`` per position, so head ``h`` owns the rows
   ``3 h d_head : 3 (h+1) d_head`` (its ``q``, ``k``, ``v`` one after the other), bias likewise;
   ``attention.dense.weight`` ``(d_model, d_model)``: the columns ``h*d_head : (h+1)*d_head``.
-* **Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo, StableLM, Phi, GPT-J** (split ``nn.Linear``; Phi's output projection
+* **Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo, StableLM, Phi, GPT-J, Cohere** (split ``nn.Linear``; Phi's output projection
   is ``dense``, GPT-J's ``out_proj``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where present), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
   ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
   StableLM's per-head norms (``qk_layernorm``: ``q_layernorm.norms.{h}``, ``k_layernorm.norms.{g}``) belong to
   their head and key/value head. Qwen3's and Gemma 3's ``q_norm`` / ``k_norm`` weights, and Phi's
   ``q_layernorm`` / ``k_layernorm`` (``qk_layernorm``: one LayerNorm over ``d_head``), are shared by every head
   and belong to no head; OLMo 2
-  and 3 normalise the projections across all heads, and have no per-head components.
+  and 3 normalise the projections across all heads, and have no per-head components. Cohere's ``q_norm`` /
+  ``k_norm`` (``use_qk_norm``: a LayerNorm per head over ``d_head``, weights ``(n_heads, d_head)`` and
+  ``(n_kv_heads, d_head)``) give head ``h`` its row ``h`` and key/value head ``g`` its row ``g``.
 * **GPT-Neo**: Llama's split projections under ``attn.attention``, ``out_proj`` for ``o_proj`` (no q/k/v biases).
 * **Phi-3** (fused ``qkv_proj``, rows: all query heads, then all key heads, then all value heads): the query rows
   ``h*d_head : (h+1)*d_head``, the key and value rows of its key/value head ``g`` at ``n_heads*d_head +
@@ -394,6 +396,13 @@ def _head_slices(
         if kind == "head":  # StableLM's per-head query norms (qk_layernorm): head h's own LayerNorm
             for p in ("weight", "bias"):
                 out[f"{a}.q_layernorm.norms.{head}.{p}"] = (0, None)
+        # Cohere's query/key norms (use_qk_norm) hold one weight row per head, which belongs to that head
+        # (Qwen3's, one row shared by every head, belong to none)
+        attn = hf.get_submodule(a)
+        per_head = {w: getattr(getattr(attn, f"{w}_norm", None), "weight", None) for w in ("q", "k")}
+        per_head = {w: t for w, t in per_head.items() if isinstance(t, torch.Tensor) and t.dim() == 2}
+        if kind == "head" and "q" in per_head:
+            out[f"{a}.q_norm.weight"] = (0, slice(head, head + 1))
         if kind == "kv" or n_kv == n_heads or include_shared_kv:
             kv_rows = slice(kv * dh, (kv + 1) * dh)
             for p in ("k_proj", "v_proj"):
@@ -401,6 +410,8 @@ def _head_slices(
                 out[f"{a}.{p}.bias"] = (0, kv_rows)
             for p in ("weight", "bias"):  # and the key/value head's own key norm
                 out[f"{a}.k_layernorm.norms.{kv}.{p}"] = (0, None)
+            if "k" in per_head:
+                out[f"{a}.k_norm.weight"] = (0, slice(kv, kv + 1))
     return out
 
 

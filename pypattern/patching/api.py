@@ -146,15 +146,27 @@ def _hooked_if_hf(model):
 
 
 def _generic_note(model) -> str | None:
-    """For a Hugging Face model adapted by its residual stream alone (:func:`~pypattern.models.hf.generic_hf_arch`),
-    what the adapter reads, for an error about a site it does not have; None for any other model."""
-    arch = getattr(model, "arch", None)
-    if not getattr(arch, "generic", False):
+    """For a Hugging Face model seen through :func:`~pypattern.models.hooked_hf` that :func:`~pypattern.from_hf`
+    does not convert (a family read by its residual stream alone, :func:`~pypattern.models.hf.generic_hf_arch`, or
+    one with a layout but no converter, as Cohere), what the adapter reads, for an error about a site it does not
+    have; None for any other model."""
+    from ..models.convert import SUPPORTED_CLASSES
+    from ..models.hf import HookedHF
+
+    if not isinstance(model, HookedHF):
         return None
+    arch = model.arch
     sites = sorted({n.split(".hook_")[-1] for n in model.hook_dict if n.startswith("blocks.")})
+    if arch.generic:
+        return (
+            f"model_type={arch.model_type!r} has no layout of its own in pypattern.hooked_hf, which reads its "
+            f"residual stream only (sites {', '.join(sites)})"
+        )
+    cls = type(model.hf_model).__name__
+    if cls in SUPPORTED_CLASSES:
+        return None
     return (
-        f"model_type={arch.model_type!r} has no layout of its own in pypattern.hooked_hf, which reads its residual "
-        f"stream only (sites {', '.join(sites)})"
+        f"pypattern.from_hf does not convert {cls}; pypattern.hooked_hf gives it the sites {', '.join(sites)}"
     )
 
 
@@ -1540,7 +1552,12 @@ def _activation_patching(
     if available is not None:
         missing = [h for h in site_hooks if h not in available]
         if missing:
-            why = _generic_note(model) or "a model with attention and MLP in parallel has no resid_mid"
+            generic = getattr(getattr(model, "arch", None), "generic", False)
+            why = (
+                _generic_note(model)
+                if generic
+                else "a model with attention and MLP in parallel has no resid_mid"
+            )
             raise ValueError(
                 f"site={site!r} does not exist in this model: it has no hook point {missing[0]!r} ({why})"
             )
