@@ -172,6 +172,11 @@ def _config(arch: str):
             intermediate_size=40, sliding_window=3, query_pre_attn_scalar=8, attn_logit_softcapping=3.0,
             final_logit_softcapping=5.0, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common,
         )  # fmt: skip
+    if arch == "nemotron":  # LayerNorms multiplying by 1 + w, a plain squared-ReLU MLP, partial rotary
+        return tr.NemotronConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
     if arch == "cohere":  # parallel attention and MLP on one LayerNorm, per-head query/key LayerNorms
         return tr.CohereConfig(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
@@ -208,7 +213,7 @@ ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "stablelm_qkln", "starcoder2",
     "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
-    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4", "vaultgemma", "exaone4", "cohere",
+    "helium", "ernie4_5", "ministral", "arcee", "glm", "glm4", "vaultgemma", "exaone4", "cohere", "nemotron",
 ]  # fmt: skip
 MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}

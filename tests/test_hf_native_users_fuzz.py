@@ -95,6 +95,8 @@ def _config(arch, n_heads, n_kv, d_head, hidden, bias, tied):
                                                attention_bias=bias),
         "olmo2": lambda: tr.Olmo2Config(**wide, attention_bias=bias, **none),
         "olmoe": lambda: tr.OlmoeConfig(**{**wide, "num_key_value_heads": n_heads}, **moe, clip_qkv=2.0, **none),
+        "nemotron": lambda: tr.NemotronConfig(**wide, partial_rotary_factor=0.5 if d_head % 4 == 0 else 1.0,
+                                              attention_bias=bias, mlp_bias=bias, **none),
         "cohere": lambda: tr.CohereConfig(**wide, use_qk_norm=True, **none),
         "cohere2": lambda: tr.Cohere2Config(**wide, sliding_window=3, layer_types=["sliding_attention",
                                             "full_attention"], **none),
@@ -115,7 +117,7 @@ ARCHS = [
     "gpt2", "bigcode", "bigcode_mha", "gptj", "neox", "neox_seq", "gpt_neo", "phi", "phi3", "llama", "mistral",
     "qwen2", "qwen3", "seed_oss", "helium", "ernie4_5", "smollm3", "olmo", "starcoder2", "gemma", "gemma2",
     "gemma3", "stablelm", "stablelm_qkln", "mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "olmoe", "ministral",
-    "arcee", "glm", "glm4", "exaone4", "cohere", "cohere2",
+    "arcee", "glm", "glm4", "exaone4", "cohere", "cohere2", "nemotron",
 ]  # fmt: skip
 COUPLED = ("olmo2", "olmoe")  # one query/key norm across all heads: no per-head components
 

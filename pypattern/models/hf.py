@@ -2,11 +2,11 @@
 
 :func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2, GPT-Neo,
 GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), VaultGemma, OLMo 1-3, EXAONE 4,
-StableLM, StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, Ministral, Arcee, GLM, GLM-4, GPT-BigCode, and the mixtures
-of experts Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so that ``forward`` returns logits and the residual-stream hook
-points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and
-embedding parameter masks over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests
-and demos.
+StableLM, StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, Ministral, Arcee, GLM, GLM-4, Cohere 1-2, Nemotron,
+GPT-BigCode, and the mixtures of experts Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so that ``forward`` returns logits and
+the residual-stream hook points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives
+per-head, per-MLP and embedding parameter masks over the model's own parameter names. :func:`gpt2_from_config` builds a
+random GPT-2 for tests and demos.
 
 ``transformers`` is optional: :func:`gpt2_from_config` raises ``ImportError`` (with the reason) when it is not
 installed; the adapters need only a model object.
@@ -316,6 +316,8 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("olmo2", "olmo3")
     },
+    # Nemotron (Nemotron-4, Minitron): LayerNorms multiplying by 1 + w, a plain squared-ReLU MLP
+    "nemotron": HFArch("nemotron", **_LLAMA_LIKE),
     # Cohere / Cohere 2 (Command R, Aya): attention and MLP in parallel reading one LayerNorm (ln1; no ln2); with
     # use_qk_norm, per-head query/key LayerNorms whose weights hold one row per head (part of that head)
     **{
@@ -1079,8 +1081,8 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
     ``vaultgemma``, ``olmo``, ``olmo2``, ``olmo3``, ``exaone4``, ``stablelm``, ``starcoder2``, ``smollm3``,
-    ``seed_oss``, ``helium``, ``ernie4_5``, ``ministral``, ``arcee``, ``glm``, ``glm4``, ``gpt_bigcode`` and the
-    mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
+    ``seed_oss``, ``helium``, ``ernie4_5``, ``ministral``, ``arcee``, ``glm``, ``glm4``, ``cohere``, ``cohere2``,
+    ``nemotron``, ``gpt_bigcode`` and the mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
     (``hook_mlp_out`` is the sparse block's output). A causal LM of another family that
     :func:`~pypattern.from_hf` does not convert either (Mamba, CodeGen, Persimmon, MPT, ...) gets the residual stream
     alone (:func:`generic_hf_arch`): ``hook_embed``, ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` and, when
