@@ -203,6 +203,7 @@ NORMS = [
     dict(normalization_type="RMS"),
     dict(normalization_type="RMSPre"),
     dict(normalization_type="RMS", norm_weight_offset=1.0),
+    dict(normalization_type="LN", norm_weight_offset=1.0),
     dict(normalization_type="LN", norm_dtype=torch.float32),
     dict(normalization_type="RMS", norm_dtype=torch.float32),
 ]

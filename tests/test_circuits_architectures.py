@@ -61,6 +61,7 @@ def _hf(kind: str, **kw):
             "starcoder2": (transformers.Starcoder2Config, transformers.Starcoder2ForCausalLM),
             "arcee": (transformers.ArceeConfig, transformers.ArceeForCausalLM),
             "glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
+            "nemotron": (transformers.NemotronConfig, transformers.NemotronForCausalLM),
         }[kind]
         cfg = conf(
             vocab_size=V, hidden_size=12, num_hidden_layers=2, num_attention_heads=kw.get("H", 6),
@@ -310,6 +311,12 @@ FAMILIES = {
     "arcee": ("arcee", dict(H=3, Hk=1, x=dict(attention_bias=True, mlp_bias=True, pad_token_id=None)), 1e-5),
     # adjacent rotary pairs on half of each head, q/k/v biases, a fused gate_up_proj
     "glm": ("glm", dict(H=3, Hk=3, x=dict(head_dim=4, pad_token_id=None)), 1e-5),
+    # LayerNorms multiplying by 1 + w (in float64 throughout), partial rotary, biases on every projection
+    "nemotron": (
+        "nemotron",
+        dict(H=3, Hk=1, x=dict(attention_bias=True, mlp_bias=True, pad_token_id=None)),
+        1e-10,
+    ),
 }
 
 

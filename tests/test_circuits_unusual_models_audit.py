@@ -80,6 +80,7 @@ CONFIGS = {
     "parallel_no_norm": dict(norm=None, parallel_attn_mlp=True),
     "padding_idx": dict(padding_idx=0),
     "offset_norm_before_cast": dict(norm="RMS", norm_weight_offset=1.0, norm_weight_before_cast=True),
+    "offset_layernorm": dict(norm="LN", norm_weight_offset=1.0),  # Nemotron's LayerNorm1P
     "attn_only_gqa_parallel_flag": dict(attn_only=True, parallel_attn_mlp=True, n_key_value_heads=2),
     "three_layers_one_head": dict(layers=3, heads=1),
 }

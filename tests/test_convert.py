@@ -424,6 +424,30 @@ CASES = {
             tie_word_embeddings=True,
         ),
     ),
+    "nemotron-layernorm1p-rot0.5": (  # LayerNorms multiplying by 1 + w, a plain squared-ReLU MLP, partial rotary
+        "Nemotron",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=40,
+        ),
+    ),
+    "nemotron-biases-tied-full-rotary": (
+        "Nemotron",
+        dict(
+            hidden_size=36,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            intermediate_size=40,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            partial_rotary_factor=1.0,
+        ),
+    ),
     "ministral-windows-gqa2": (  # a sliding window on the layers layer_types names
         "Ministral",
         dict(
@@ -1407,6 +1431,7 @@ def test_unknown_model_class_is_refused():
         "Glm4ForCausalLM",
         "VaultGemmaForCausalLM",
         "Exaone4ForCausalLM",
+        "NemotronForCausalLM",
     }
 
 
@@ -1784,19 +1809,22 @@ def test_gemma_refuses_bidirectional_attention():
         from_hf(hf_model("gemma3-local-global-rope", use_bidirectional_attention=True))
 
 
-def test_offset_norms_start_as_the_identity_scale():
-    """A fresh model with ``norm_weight_offset=1`` starts with zero norm weights: ``x_hat * (1 + 0)``."""
+@pytest.mark.parametrize("norm", ["RMS", "LN"])
+def test_offset_norms_start_as_the_identity_scale(norm):
+    """A fresh model with ``norm_weight_offset=1`` starts with zero norm weights: ``x_hat * (1 + 0)`` (RMSNorm,
+    Gemma's; LayerNorm, Nemotron's ``LayerNorm1P``). Norms without a weight take no offset."""
     from pypattern.models import Transformer, TransformerConfig
 
-    kw = dict(n_layers=1, d_model=16, n_heads=2, d_vocab=11, normalization_type="RMS", seed=0)
+    kw = dict(n_layers=1, d_model=16, n_heads=2, d_vocab=11, normalization_type=norm, seed=0)
     a = Transformer(TransformerConfig(**kw, norm_weight_offset=1.0))
     b = Transformer(TransformerConfig(**kw))
     assert float(a.blocks[0].ln1.w.detach().abs().max()) == 0.0
     x = torch.randint(0, 11, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x))
-    with pytest.raises(ValueError, match="norm_weight_offset"):
-        TransformerConfig(**{**kw, "normalization_type": "LN"}, norm_weight_offset=1.0)
+    for weightless in ("LNPre", "RMSPre"):
+        with pytest.raises(ValueError, match="norm_weight_offset"):
+            TransformerConfig(**{**kw, "normalization_type": weightless}, norm_weight_offset=1.0)
 
 
 @pytest.mark.parametrize("case", ["llama-mqa", "gemma2-gqa2-capped-window", "qwen2-mqa-window-untied"])

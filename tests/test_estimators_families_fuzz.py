@@ -21,7 +21,7 @@ import pypattern as pp  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 32
-ARCHS = ["neox", "llama", "qwen2", "gemma2", "phi", "falcon", "mixtral", "opt", "glm4", "arcee"]
+ARCHS = ["neox", "llama", "qwen2", "gemma2", "phi", "falcon", "mixtral", "opt", "glm4", "arcee", "nemotron"]
 NATIVE_MASKS = {
     "neox",
     "llama",
@@ -33,6 +33,7 @@ NATIVE_MASKS = {
     "opt",
     "glm4",
     "arcee",
+    "nemotron",
 }  # masks of unconverted models
 KW = dict(
     num_chains=2,
@@ -120,6 +121,15 @@ def _hf(arch: str, dtype=torch.float64):
             for n, p in m.named_parameters():
                 if "norm" in n or "bias" in n:
                     p.add_(0.3 * torch.randn(p.shape))
+    elif arch == "nemotron":  # LayerNorms multiplying by 1 + w, partial rotary, a plain squared-ReLU MLP
+        cfg = T.NemotronConfig(
+            **small, num_key_value_heads=2, pad_token_id=None, bos_token_id=0, eos_token_id=0
+        )
+        m = T.NemotronForCausalLM(cfg)
+        with torch.no_grad():  # the norms' weights start at zero (1 + w) and their biases at zero
+            for n, p in m.named_parameters():
+                if "norm" in n:
+                    p.add_(0.3 * torch.randn(p.shape))
     elif arch == "arcee":  # a plain squared-ReLU MLP, biases
         cfg = T.ArceeConfig(
             **small, num_key_value_heads=2, attention_bias=True, mlp_bias=True, pad_token_id=None, bos_token_id=0,
@@ -170,7 +180,7 @@ def _probe(extra: int, pad: int):
 
 def _components(arch: str) -> list[str]:
     comps = ["blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
-    if arch in ("llama", "qwen2", "gemma2", "mixtral", "glm4", "arcee"):
+    if arch in ("llama", "qwen2", "gemma2", "mixtral", "glm4", "arcee", "nemotron"):
         comps.append("blocks.1.attn.kv_head.1")
     if arch == "falcon":  # multi-query: one key/value head shared by all four
         comps.append("blocks.1.attn.kv_head.0")

@@ -26,6 +26,7 @@ GROUPS = {
     "falcon": 1,
     "glm4": 2,
     "arcee": 2,
+    "nemotron": 2,
 }  # key/value heads (4 query heads)
 
 

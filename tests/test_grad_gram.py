@@ -392,6 +392,8 @@ _NATIVE_ARCHS = {
         unembed_bias=True,
         padding_idx=3,
     ),
+    # Nemotron's LayerNorm1P: LayerNorms multiplying by 1 + w
+    "offset_layernorm": dict(normalization_type="LN", norm_weight_offset=1.0),
     # GPT-J / Phi: one norm read by parallel attention and MLP
     "parallel_shared_norm": dict(parallel_attn_mlp=True, parallel_shared_norm=True),
     # GPT-NeoX: parallel attention and MLP, each with its own norm

@@ -224,6 +224,13 @@ FAMILIES = {
         None,
         True,
     ),
+    "nemotron-layernorm1p-rot0.5": (
+        "Nemotron",
+        "NemotronForCausalLM",
+        dict(LLAMA, attention_bias=True, mlp_bias=True),
+        None,
+        True,
+    ),
     "ministral-layer-windows": (
         "Ministral",
         "MinistralForCausalLM",

@@ -194,7 +194,7 @@ class ModelView:
         equal to float rounding; any other norm is the model's module."""
         ln = self.model.blocks[layer].ln1
         if self._fused_ln(ln):
-            return torch.nn.functional.layer_norm(x, x.shape[-1:], ln.w, ln.b, ln.eps)
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], ln.gain, ln.b, ln.eps)
         return ln(x)
 
     @staticmethod

@@ -164,8 +164,12 @@ def _full_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     cd = getattr(norm, "compute_dtype", None)
     h = x if cd is None else x.to(cd)
     w, b = getattr(norm, "w", None), getattr(norm, "b", None)
-    if kind == "LN" and w is not None and cd in (None, x.dtype):  # LayerNorm's one fused pass
-        return torch.nn.functional.layer_norm(x, x.shape[-1:], w, b, norm.eps)
+    if kind == "LN" and w is not None:  # LayerNorm, its weight plus any offset (Nemotron's 1 + w)
+        gain = getattr(norm, "gain", w)
+        if cd in (None, x.dtype):  # one fused pass
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], gain, b, norm.eps)
+        h = torch.nn.functional.layer_norm(h, h.shape[-1:], eps=norm.eps).to(x.dtype)
+        return torch.addcmul(b, h, gain)
     if kind == "LN":
         h = torch.nn.functional.layer_norm(h, h.shape[-1:], eps=norm.eps)
     elif isinstance(norm, RMSNormPre):  # TransformerLens' RMSPre: x / sqrt(mean(x^2) + eps)

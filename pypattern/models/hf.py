@@ -316,7 +316,7 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("olmo2", "olmo3")
     },
-    # Nemotron (Nemotron-4, Minitron): LayerNorms multiplying by 1 + w, a plain squared-ReLU MLP
+    # Nemotron (Nemotron-4, Minitron): LayerNorms multiplying by 1 + w (LayerNorm1P), a plain squared-ReLU MLP
     "nemotron": HFArch("nemotron", **_LLAMA_LIKE),
     # Cohere / Cohere 2 (Command R, Aya): attention and MLP in parallel reading one LayerNorm (ln1; no ln2); with
     # use_qk_norm, per-head query/key LayerNorms whose weights hold one row per head (part of that head)

@@ -431,9 +431,11 @@ class TransformerConfig:
         The logits are divided by this number (Granite's ``logits_scaling``; before ``output_logits_soft_cap``).
         None: not divided.
     norm_weight_offset : float
-        RMSNorm models only: every RMSNorm (``qk_norm``'s too) multiplies by ``norm_weight_offset + w`` in its
-        compute dtype and casts the product back (Gemma's ``x * (1 + w)``, with 1.0); 0 (default): ``w`` times the
-        normalised input after the cast (Llama's order). Fresh weights start at ``1 - norm_weight_offset``.
+        RMSNorm models: every RMSNorm (``qk_norm``'s too) multiplies by ``norm_weight_offset + w`` in its compute
+        dtype and casts the product back (Gemma's ``x * (1 + w)``, with 1.0); 0 (default): ``w`` times the
+        normalised input after the cast (Llama's order). LayerNorm models: every LayerNorm multiplies by
+        ``norm_weight_offset + w`` (Nemotron's ``LayerNorm1P``, with 1.0). Fresh weights start at ``1 -
+        norm_weight_offset``. Not with ``"LNPre"`` / ``"RMSPre"``, whose norms have no weight.
     norm_weight_before_cast : bool
         RMSNorm models only: every RMSNorm multiplies by ``w`` in its compute dtype before casting back, as Helium's
         does (and as a non-zero ``norm_weight_offset`` implies); False: Llama's order (cast, then ``w``).
@@ -834,10 +836,10 @@ class TransformerConfig:
         off = self.norm_weight_offset
         if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
             raise ValueError(f"norm_weight_offset={off!r} is not valid; give a finite number (0 for none)")
-        if off != 0 and self.normalization_type != "RMS":
+        if off != 0 and self.normalization_type not in ("RMS", "LN"):
             raise ValueError(
-                f"norm_weight_offset={off!r} applies to RMSNorm only; normalization_type is "
-                f"{self.normalization_type!r}"
+                f"norm_weight_offset={off!r} applies to norms with a weight (RMSNorm, LayerNorm); "
+                f"normalization_type is {self.normalization_type!r}"
             )
         wb = self.norm_weight_before_cast
         if not isinstance(wb, bool) or (wb and self.normalization_type != "RMS"):
@@ -1058,33 +1060,41 @@ class LayerNorm(nn.Module):
     backward hook on it, whose gradient needs it) switches the output to the explicit form ``(x - mean) / scale`` (to
     float rounding the same): a hook that only reads it leaves the output bit-identical. With ``compute_dtype`` the
     statistics and the normalisation run in that dtype and the result is cast back to the input's dtype before
-    ``w`` and ``b``."""
+    ``w`` and ``b``. With a non-zero ``offset`` the normalised input is multiplied by ``offset + w`` (Nemotron's
+    ``LayerNorm1P``: the fused kernel given ``w + 1``)."""
 
     def __init__(
-        self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+        self,
+        d: int,
+        eps: float,
+        dtype: torch.dtype,
+        compute_dtype: torch.dtype | None = None,
+        offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.compute_dtype = compute_dtype
-        self.w = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.offset = offset
+        self.w = nn.Parameter(torch.full((d,), 1.0 - offset, dtype=dtype))
         self.b = nn.Parameter(torch.zeros(d, dtype=dtype))
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     @property
     def gain(self) -> torch.Tensor:
-        """The factor the normalised input is multiplied by: ``w``."""
-        return self.w
+        """The factor the normalised input is multiplied by: ``offset + w`` (``w`` itself without an offset)."""
+        return self.w + self.offset if self.offset else self.w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = self.gain
         edited = _edited_layer_normalize(self, x)
         if edited is not None:  # a hook replaced the scale or edited it in place
-            return self.hook_normalized(torch.addcmul(self.b, edited, self.w))
+            return self.hook_normalized(torch.addcmul(self.b, edited, gain))
         # one fused pass with w and b, also when a hook only read the scale (a cached run is bit-identical)
         if self.compute_dtype in (None, x.dtype):
-            return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps))
+            return self.hook_normalized(F.layer_norm(x, x.shape[-1:], gain, self.b, self.eps))
         h = F.layer_norm(x.to(self.compute_dtype), x.shape[-1:], eps=self.eps).to(x.dtype)
-        return self.hook_normalized(torch.addcmul(self.b, h, self.w))
+        return self.hook_normalized(torch.addcmul(self.b, h, gain))
 
 
 def _edited_layer_normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -1223,7 +1233,7 @@ def rms_compute_dtype(norm_dtype: torch.dtype | None, dtype: torch.dtype) -> tor
 
 def _make_norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.normalization_type == "LN":
-        return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
+        return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype, cfg.norm_weight_offset)
     if cfg.normalization_type == "RMS":
         return RMSNorm(
             cfg.d_model,
@@ -1280,7 +1290,7 @@ class Embed(nn.Module):
         self.scale = cfg.embed_scale
         self.padding_idx = cfg.padding_idx
         if cfg.post_embedding_ln:
-            self.ln = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
+            self.ln = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype, cfg.norm_weight_offset)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         check_token_ids(tokens, self.W_E.shape[0])

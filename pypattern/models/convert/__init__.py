@@ -16,6 +16,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``, ``HeliumForCausalLM``,
   ``Ernie4_5ForCausalLM``, ``MinistralForCausalLM``, ``ArceeForCausalLM``, ``GlmForCausalLM``, ``Glm4ForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
+- :mod:`.nemotron`: ``NemotronForCausalLM``
 - :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of
   experts)
 - :mod:`.olmo`: ``OlmoForCausalLM``
@@ -91,6 +92,7 @@ _FAMILY_MODULES = (
     "llama_family",
     "mistral",
     "moe",
+    "nemotron",
     "olmo",
     "olmo2",
     "opt",
