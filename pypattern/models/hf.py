@@ -233,6 +233,17 @@ _LLAMA_LIKE = dict(
     qkv="split",
 )
 
+# the layers of OLMo 2 / 3 and EXAONE 4: a norm after the attention and one after the MLP, none in front of them
+_POST_NORMS_ONLY = dict(
+    _LLAMA_LIKE,
+    ln1=None,
+    ln2=None,
+    ln1_post="post_attention_layernorm",
+    ln2_post="post_feedforward_layernorm",
+    attn_write="post_attention_layernorm",
+    mlp_write="post_feedforward_layernorm",
+)
+
 HF_ARCHS: dict[str, HFArch] = {
     "gpt2": HFArch("gpt2", "transformer", "wte", "wpe", "h", "attn", "mlp", "ln_1", "ln_2", "ln_f", "gpt2"),
     # GPT-BigCode (SantaCoder, StarCoder 1): GPT-2's module names, nn.Linear c_attn (multi-query or per-head blocks)
@@ -300,22 +311,7 @@ HF_ARCHS: dict[str, HFArch] = {
     # OLMo 2 / 3: no norms in front of the attention and the MLP (no ln1 / ln2; ln1_post / ln2_post are the norms
     # after them, the only ones a layer has, as the converted model names them), the writes are those norms'
     # outputs, one query/key norm across all heads
-    **{
-        mt: HFArch(
-            mt,
-            **{
-                **_LLAMA_LIKE,
-                "ln1": None,
-                "ln2": None,
-                "ln1_post": "post_attention_layernorm",
-                "ln2_post": "post_feedforward_layernorm",
-                "attn_write": "post_attention_layernorm",
-                "mlp_write": "post_feedforward_layernorm",
-                "heads_coupled": True,
-            },
-        )
-        for mt in ("olmo2", "olmo3")
-    },
+    **{mt: HFArch(mt, **_POST_NORMS_ONLY, heads_coupled=True) for mt in ("olmo2", "olmo3")},
     # Nemotron (Nemotron-4, Minitron): LayerNorms multiplying by 1 + w (LayerNorm1P), a plain squared-ReLU MLP
     "nemotron": HFArch("nemotron", **_LLAMA_LIKE),
     # Cohere / Cohere 2 (Command R, Aya): attention and MLP in parallel reading one LayerNorm (ln1; no ln2); with
@@ -324,18 +320,7 @@ HF_ARCHS: dict[str, HFArch] = {
         mt: HFArch(mt, **{**_LLAMA_LIKE, "ln2": None}, parallel_residual=True) for mt in ("cohere", "cohere2")
     },
     # EXAONE 4: OLMo 2's norms, but each head's query and key normalised on its own (per-head components apply)
-    "exaone4": HFArch(
-        "exaone4",
-        **{
-            **_LLAMA_LIKE,
-            "ln1": None,
-            "ln2": None,
-            "ln1_post": "post_attention_layernorm",
-            "ln2_post": "post_feedforward_layernorm",
-            "attn_write": "post_attention_layernorm",
-            "mlp_write": "post_feedforward_layernorm",
-        },
-    ),
+    "exaone4": HFArch("exaone4", **_POST_NORMS_ONLY),
     # mixtures of experts: Llama's attention, the MLP a sparse block of experts ("mlp.experts", whose stacked
     # gate_up_proj / down_proj hold one expert per entry of their first axis; "blocks.{l}.mlp.expert.{e}" masks one)
     "mixtral": HFArch("mixtral", **_LLAMA_LIKE, experts="experts"),
