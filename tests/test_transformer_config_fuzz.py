@@ -392,7 +392,10 @@ BAD_CONFIGS = [
     (dict(experts_per_token=1), r"experts_per_token=1 needs n_experts"),
     (dict(positional_embedding_type="rotary", rotary_layers=[True, False]), r"rotary_layers"),
     (dict(rotary_scaling={"rope_type": "linear", "factor": 2.0}), r"rotary_scaling.*'rotary'"),
-    (dict(norm_weight_offset=1.0), r"norm_weight_offset=1.0 .*RMSNorm"),
+    (
+        dict(normalization_type="LNPre", norm_weight_offset=1.0),
+        r"norm_weight_offset=1.0 .*norms with a weight",
+    ),
     (dict(tie_word_embeddings="yes"), r"tie_word_embeddings='yes'"),
     (dict(positional_embedding=False, positional_embedding_type="standard"), r"contradicts"),
     (
