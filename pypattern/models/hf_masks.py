@@ -12,8 +12,8 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   ``(3 d_model, d_model)`` is reshaped to ``(n_heads, 3 d_head)`` per position, so head ``h`` owns the rows
   ``3 h d_head : 3 (h+1) d_head`` (its ``q``, ``k``, ``v`` one after the other), bias likewise;
   ``attention.dense.weight`` ``(d_model, d_model)``: the columns ``h*d_head : (h+1)*d_head``.
-* **Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo, StableLM, Phi, GPT-J, Cohere** (split ``nn.Linear``; Phi's output projection
-  is ``dense``, GPT-J's ``out_proj``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where present), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
+* **Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo, StableLM, Phi, GPT-J, Cohere** (split ``nn.Linear``; Phi's output
+  projection is ``dense``, GPT-J's ``out_proj``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where present), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
   ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
   StableLM's per-head norms (``qk_layernorm``: ``q_layernorm.norms.{h}``, ``k_layernorm.norms.{g}``) belong to
   their head and key/value head. Qwen3's and Gemma 3's ``q_norm`` / ``k_norm`` weights, and Phi's

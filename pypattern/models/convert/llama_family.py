@@ -58,6 +58,7 @@ def _fused_gate_up(m: nn.Module) -> tuple:
 
 
 def _glm(model: nn.Module, sandwich: bool) -> tuple[dict, dict]:
+    """GLM's conversion (GLM-4's with ``sandwich``: its norms after the attention and the MLP)."""
     cfg, w = llama_like(model, mlp=_fused_gate_up, partial_rotary=True)
     cfg["rotary_adjacent_pairs"] = True
     if not sandwich:

@@ -119,7 +119,11 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             )
         for name in ("input_layernorm", "pre_feedforward_layernorm"):  # a norm in front: not this family
             if hasattr(layer, name):
-                refuse(f"layers[{i}].{name}", type(getattr(layer, name)).__name__, "OLMo 2 has no pre-norms")
+                refuse(
+                    f"layers[{i}].{name}",
+                    type(getattr(layer, name)).__name__,
+                    "this family has no norm in front of the attention or the MLP",
+                )
         norm(f"{p}.ln1_post", layer.post_attention_layernorm, c.hidden_size)
         norm(f"{p}.ln2_post", layer.post_feedforward_layernorm, c.hidden_size)
         norm(f"{p}.attn.q_norm", a.q_norm, dh if exaone else H * dh)
