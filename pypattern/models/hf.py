@@ -406,10 +406,9 @@ def hf_arch(model: nn.Module, generic: bool = True) -> HFArch:
             )
         if not generic:
             raise UnsupportedModelError(
-                f"model_type={mt!r} ({type(model).__name__}) has no layout of its own in the native adapter "
-                f"(supported: {', '.join(sorted(HF_ARCHS))}): nothing that needs the modules inside its layers "
-                "(per-head or per-MLP components, attn_out, mlp_out) is available; give components as "
-                "parameter-name prefixes, and patch its residual stream through pypattern.hooked_hf(model)"
+                f"{_no_layout(model)} (supported: {', '.join(sorted(HF_ARCHS))}): nothing that needs the modules "
+                "inside its layers (per-head or per-MLP components, attn_out, mlp_out) is available; give components "
+                "as parameter-name prefixes, and patch its residual stream through pypattern.hooked_hf(model)"
             )
         return generic_hf_arch(model)
     arch = HF_ARCHS[mt]
@@ -438,6 +437,12 @@ _FINAL_NORM_NAMES = (
     "norm_out",
     "ln_out",
 )
+
+
+def _no_layout(model: nn.Module) -> str:
+    """The start of an error about a family :data:`HF_ARCHS` has no layout for."""
+    mt = model.config.model_type
+    return f"model_type={mt!r} ({type(model).__name__}) has no layout of its own in the native adapter"
 
 
 def _config_layers(config: Any) -> int | None:
@@ -470,7 +475,7 @@ def generic_hf_arch(model: nn.Module) -> HFArch:
     from .convert import UnsupportedModelError
 
     mt = model.config.model_type
-    what = f"model_type={mt!r} ({type(model).__name__}) has no layout of its own in the native adapter and"
+    what = f"{_no_layout(model)} and"
     prefix = getattr(model, "base_model_prefix", "") or ""
     base = getattr(model, prefix, None) if prefix else None
     if not isinstance(base, nn.Module) or base is model:
@@ -544,9 +549,8 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
                 model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
         except Exception as e:  # noqa: BLE001 - the model's own failure, said to come from the check
             raise UnsupportedModelError(
-                f"model_type={arch.model_type!r} ({type(model).__name__}) has no layout of its own in the native "
-                "adapter, whose residual stream is checked on a forward of two tokens, and that forward failed "
-                f"({type(e).__name__}: {e})"
+                f"{_no_layout(model)}, whose residual stream is checked on a forward of two tokens, and that "
+                f"forward failed ({type(e).__name__}: {e})"
             ) from e
         finally:
             model.train(was)
@@ -569,9 +573,8 @@ def _check_generic_residual(model: nn.Module, arch: HFArch, n_layers: int) -> HF
             why = f"layer {bad[0] + 1}'s input is not layer {bad[0]}'s output"
     if why is not None:
         raise UnsupportedModelError(
-            f"model_type={arch.model_type!r} ({type(model).__name__}) has no layout of its own in the native "
-            f"adapter, and its layers ({arch.base}.{arch.layers}) do not carry one residual stream: {why}; give "
-            f"a model of a supported family ({', '.join(sorted(HF_ARCHS))})"
+            f"{_no_layout(model)}, and its layers ({arch.base}.{arch.layers}) do not carry one residual stream: "
+            f"{why}; give a model of a supported family ({', '.join(sorted(HF_ARCHS))})"
         )
     # the final norm: the first module of a usual name that runs once, on the last layer's output
     last = outs[-1]

@@ -423,12 +423,11 @@ def attribution_patching(
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     model = converted_if_convertible(model)
     if not isinstance(model, Transformer):
-        from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm, unwrap_hf
+        from ..models.hf import is_hf_causal_lm
+        from .api import _hooked_if_hf
 
-        inner, _ = unwrap_hf(model) if isinstance(model, torch.nn.Module) else (model, "")
-        if not hasattr(model, "hook_dict") and (isinstance(inner, HookedHF) or is_hf_causal_lm(inner)):
-            # a family from_hf does not convert: its residual stream through the adapter (generic_hf_arch)
-            model = inner if isinstance(inner, HookedHF) else hooked_hf(model)
+        # a Hugging Face family from_hf does not convert: its hook points through pypattern.hooked_hf
+        model = _hooked_if_hf(model)
         if hasattr(model, "hook_dict") and hasattr(model, "hooks"):
             return _atp_hooked(
                 model, clean_tokens, corrupted_tokens, metric=metric, sites=sites, corruption=corruption,

@@ -383,6 +383,15 @@ def split_gated_mlp(m: nn.Module) -> tuple:
     )
 
 
+def split_fused_gate_up(m: nn.Module) -> tuple:
+    """:func:`split_gated_mlp`'s tuple of an MLP with one ``gate_up_proj`` (its rows the gate's, then the up
+    projection's; Phi-3, GLM) and ``down_proj``."""
+    W, b = m.gate_up_proj.weight, m.gate_up_proj.bias
+    n = W.shape[0] // 2
+    gate_b, up_b = (None, None) if b is None else (b[:n], b[n:])
+    return W[:n], W[n:], m.down_proj.weight, gate_b, up_b, m.down_proj.bias
+
+
 def head_shape(model: nn.Module, qkv=split_qkv) -> tuple[nn.Module, int, int, int]:
     """``(layer 0's attention, d_head, n_heads, n_kv_heads)`` of a ``model.model.layers[i].self_attn`` decoder,
     after checking the number of layers against the config; ``qkv`` reads an attention's projections."""
@@ -451,9 +460,11 @@ def put_attention(w: dict, p: str, qkv: tuple, W_o: torch.Tensor, b_o, H: int, H
 
 def put_gated_mlp(w: dict, p: str, mlp: tuple) -> None:
     """Layer ``p``'s gated MLP from :func:`split_gated_mlp`'s tuple (gate -> ``W_gate``, up -> ``W_in``, down ->
-    ``W_out``; ``nn.Linear`` layouts ``(out, in)``, or stacked ``(experts, out, in)`` for a mixture of experts)."""
+    ``W_out``; ``nn.Linear`` layouts ``(out, in)``, or stacked ``(experts, out, in)`` for a mixture of experts); a
+    tuple without a gate (``None`` for it and its bias) is a plain MLP's, which gets ``W_in`` and ``W_out`` only."""
     Wg, Wu, Wd, bg, bu, bd = mlp
-    w[f"{p}.mlp.W_gate"], w[f"{p}.mlp.b_gate"] = Wg.transpose(-2, -1), bg
+    if Wg is not None:
+        w[f"{p}.mlp.W_gate"], w[f"{p}.mlp.b_gate"] = Wg.transpose(-2, -1), bg
     w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = Wu.transpose(-2, -1), bu
     w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.transpose(-2, -1), bd
 

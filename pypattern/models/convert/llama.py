@@ -120,12 +120,7 @@ def llama_like(
         norm(f"{p}.ln1", layer.input_layernorm)
         norm(f"{p}.ln2", layer.post_attention_layernorm)
         put_attention(w, p, splits[i][0], a.o_proj.weight, a.o_proj.bias, H, Hkv, dh)
-        if gated:
-            put_gated_mlp(w, p, splits[i][1])
-        else:
-            _, Wu, Wd, _, bu, bd = splits[i][1]
-            w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = Wu.T, bu
-            w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.T, bd
+        put_gated_mlp(w, p, splits[i][1])
     norm("ln_final", base_model.norm)
     put_unembedding(w, lm, tied, lm_b)
     return cfg, w

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import refuse
+from ._common import refuse, split_fused_gate_up
 from .llama import llama_like
 from .qwen2 import layer_windows
 
@@ -47,19 +47,9 @@ def _plain_mlp(m: nn.Module) -> tuple:
     return None, m.up_proj.weight, m.down_proj.weight, None, m.up_proj.bias, m.down_proj.bias
 
 
-def _fused_gate_up(m: nn.Module) -> tuple:
-    """:func:`~._common.split_gated_mlp`'s tuple of a ``gate_up_proj`` MLP (the gate's rows first), without biases
-    (GLM's fused projection has none)."""
-    W = m.gate_up_proj.weight
-    if m.gate_up_proj.bias is not None:
-        refuse("gate_up_proj.bias", "present", "GLM's fused gate/up projection is converted without a bias")
-    n = W.shape[0] // 2
-    return W[:n], W[n:], m.down_proj.weight, None, None, m.down_proj.bias
-
-
 def _glm(model: nn.Module, sandwich: bool) -> tuple[dict, dict]:
     """GLM's conversion (GLM-4's with ``sandwich``: its norms after the attention and the MLP)."""
-    cfg, w = llama_like(model, mlp=_fused_gate_up, partial_rotary=True)
+    cfg, w = llama_like(model, mlp=split_fused_gate_up, partial_rotary=True)
     cfg["rotary_adjacent_pairs"] = True
     if not sandwich:
         return cfg, w

@@ -16,6 +16,7 @@ from ._common import (
     act_fn,
     attn_softmax_dtype,
     head_shape,
+    layer_norm,
     put_attention,
     put_mlp,
     put_unembedding,
@@ -61,14 +62,11 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
 
     def norm(dst: str, mod: nn.Module) -> None:
-        if type(mod).__name__ != "NemotronLayerNorm1P":
-            refuse(dst, type(mod).__name__, "expected Nemotron's LayerNorm1P (x_hat * (1 + w) + b)")
-        if mod.eps != eps:
-            refuse("norm_eps", mod.eps, f"differs between norms ({eps} elsewhere)")
-        if mod.weight is None:
-            refuse(dst, "no weight", "expected a LayerNorm with a weight")
-        w[f"{dst}.w"] = mod.weight
-        w[f"{dst}.b"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight)
+        if type(mod).__name__ != "NemotronLayerNorm1P" or mod.weight is None:
+            refuse(
+                dst, type(mod).__name__, "expected Nemotron's LayerNorm1P with a weight (x_hat * (1 + w) + b)"
+            )
+        layer_norm(w, dst, mod, eps, "norm_eps")
 
     for i, layer in enumerate(layers):
         p = f"blocks.{i}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._common import split_fused_gate_up
 from .llama import llama_like
 
 CLASSES = ("Phi3ForCausalLM",)
@@ -24,14 +25,7 @@ def _qkv(a: nn.Module) -> tuple:
     return (*cut(W), *cut(b))
 
 
-def _mlp(m: nn.Module) -> tuple:
-    W, b = m.gate_up_proj.weight, m.gate_up_proj.bias
-    n = W.shape[0] // 2
-    gate_b, up_b = (None, None) if b is None else (b[:n], b[n:])
-    return W[:n], W[n:], m.down_proj.weight, gate_b, up_b, m.down_proj.bias
-
-
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``Phi3ForCausalLM``."""
     sw = getattr(model.config, "sliding_window", None)
-    return llama_like(model, sliding_window=sw, qkv=_qkv, mlp=_mlp, partial_rotary=True)
+    return llama_like(model, sliding_window=sw, qkv=_qkv, mlp=split_fused_gate_up, partial_rotary=True)
