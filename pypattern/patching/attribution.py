@@ -426,8 +426,9 @@ def attribution_patching(
         from ..models.hf import is_hf_causal_lm
         from .api import _hooked_if_hf
 
-        # a Hugging Face family from_hf does not convert: its hook points through pypattern.hooked_hf
-        model = _hooked_if_hf(model)
+        if isinstance(model, torch.nn.Module):
+            # a Hugging Face family from_hf does not convert: its hook points through pypattern.hooked_hf
+            model = _hooked_if_hf(model)
         if hasattr(model, "hook_dict") and hasattr(model, "hooks"):
             return _atp_hooked(
                 model, clean_tokens, corrupted_tokens, metric=metric, sites=sites, corruption=corruption,
