@@ -259,3 +259,33 @@ def test_llc_estimators_explain_a_devinterp_none_mask():
         pp.estimate_llc(model, data, masks={"weight": None}, num_chains=1, num_draws=2, quiet=True)
     with pytest.raises(ValueError, match="create_param_masks writes for 'the whole parameter'"):
         pp.refined_llc(model, data, components={"w": {"weight": None}}, num_chains=1, num_draws=2, quiet=True)
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_chains_batched_over_sdpa_attention_give_no_batching_rule_warning_other_warnings_show(cores):
+    # Hugging Face's default sdpa attention has no batching rule under vmap on the CPU: torch runs it chain by
+    # chain and warned at every call (every trial of step_size="auto" again); the run leaves that warning out,
+    # in every group's thread, and only while it runs
+    import transformers as tr
+
+    from pypattern.sampling import NonStationaryWarning, sample
+    from pypattern.sampling.runner import _NO_BATCHING_RULE
+
+    torch.manual_seed(0)
+    cfg = tr.GPTNeoXConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, rotary_pct=0.5, attn_implementation="sdpa",
+    )  # fmt: skip
+    hf = tr.GPTNeoXForCausalLM(cfg).eval()
+    assert hf.config._attn_implementation == "sdpa"
+    data = [torch.randint(0, V, (4, 8)) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = sample(hf, data, num_chains=4, num_draws=4, num_burnin_steps=0, step_size=1e-5, localization=1e3,
+                   seed=1, cores=cores, quiet=True)  # fmt: skip
+        warnings.warn(_NO_BATCHING_RULE + "aten::an_op_of_ones_own", UserWarning, stacklevel=1)  # shown
+    assert all(res.batched for res in (r if isinstance(r, list) else [r]))
+    texts = [str(w.message) for w in seen]
+    assert [t for t in texts if "batching rule" in t] == [_NO_BATCHING_RULE + "aten::an_op_of_ones_own"]
+    # the run's own warnings still reach the caller: 4 draws of 4 chains are too few to call stationary
+    assert any(issubclass(w.category, NonStationaryWarning) for w in seen), texts

@@ -903,6 +903,22 @@ def _eval_mode_for_dropout(model: nn.Module):
     )
 
 
+# torch's UserWarning for an operator without a batching rule under vmap (it then runs one chain at a time)
+_NO_BATCHING_RULE = r"There is a performance drop because we have not yet implemented the batching rule for "
+
+
+@contextlib.contextmanager
+def _quiet_vmap_fallback():
+    """Leaves out torch's warning that an operator has no batching rule under ``torch.func.vmap`` while the
+    chains run: vmap then runs that operator chain by chain, with the same values (Hugging Face's default
+    ``sdpa`` attention on the CPU, ``aten::_scaled_dot_product_flash_attention_for_cpu``, is one). torch gives it
+    at every call, and each trial of ``step_size="auto"`` would show it again; nothing in it is the user's to act
+    on. Entered in the calling thread, around the groups' threads; other warnings are shown as before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
+        yield
+
+
 def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult | list[SampleResult]:
     """The run of ``plan``; its diagnostics warn (``warn_nonstationary``), a given step's (``plan.calibrated``
     False) relaxation from ``w*`` included and its discretisation bias (:class:`_GivenStepChecks`)."""
@@ -964,11 +980,12 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     try:
         todo = [g for g in mine if st.done[g] < plan.num_draws]
         parts = [todo[i :: plan.cores] for i in range(min(plan.cores, len(todo)))]
-        if len(parts) <= 1:
-            ran_batched = _run_part(ctx, todo)
-        else:
-            with pinned_threads(1):
-                ran_batched = _run_threads(ctx, parts)
+        with _quiet_vmap_fallback():
+            if len(parts) <= 1:
+                ran_batched = _run_part(ctx, todo)
+            else:
+                with pinned_threads(1):
+                    ran_batched = _run_threads(ctx, parts)
     finally:
         st.seconds += time.perf_counter() - t0
         if pbar is not None:
