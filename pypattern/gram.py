@@ -1252,6 +1252,25 @@ def _eval_mode_throughout(fn: Callable | None = None, *, context: Callable | Non
 
 @_eval_mode_throughout
 @torch.enable_grad()  # gradients are what it computes: also called under torch.no_grad()
+def _rule_sample_losses(model: nn.Module, batch) -> torch.Tensor:
+    """``per_sample_grad_gram``'s default ``loss_fn``: each sample's mean loss over its counted tokens by the
+    library's one rule (:func:`pypattern.losses.sample_losses`); a sample with no counted token (all padding or
+    ``-100``), whose mean is not defined, is refused by its row."""
+    from .losses import token_losses
+
+    terms, mask = token_losses(model, batch, fill=0.0)
+    if terms.dim() == 1:
+        return terms
+    counts = mask.sum(-1)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"loss_fn=None: samples {empty[:8]} of the batch have no counted token (all padding or -100 labels), "
+            "so their mean loss is not defined; leave them out of the batch or give a loss_fn of your own"
+        )
+    return terms.sum(-1) / counts
+
+
 def per_sample_grad_gram(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -1286,10 +1305,13 @@ def per_sample_grad_gram(
     model : nn.Module
         Must treat samples independently (no batch norm in training mode). A model in ``train()`` mode whose
         forward is random there (dropout) is run with its ``eval()`` forward, with a warning, and left in its mode.
-    loss_fn : callable
+    loss_fn : callable or None
         ``loss_fn(model, *inputs)`` returns the per-sample losses, shape ``(B,)`` or ``(B, ...)`` (then summed
         over the trailing dimensions, e.g. per-token losses): ``reduction="none"``, never the batch mean
-        (a mean would put a factor ``1/B`` in every gradient).
+        (a mean would put a factor ``1/B`` in every gradient). None: the library's one rule on one batch
+        (token ids, a Hugging Face dict with ``attention_mask`` / ``labels``, an ``(x, y)`` pair), each sample's
+        mean loss over its counted tokens (:func:`pypattern.losses.sample_losses`); a sample with no counted
+        token is refused.
     *inputs
         Passed to ``loss_fn``; their first dimension is the batch.
     modules : list of names or modules, optional
@@ -1344,6 +1366,13 @@ def per_sample_grad_gram(
     if check not in (True, False, "once") or isinstance(check, int) and not isinstance(check, bool):
         raise ValueError(f"check={check!r} is not valid; give 'once', True or False")
     _check_model(model, "per_sample_grad_gram")
+    if loss_fn is None:
+        if len(inputs) != 1:
+            raise TypeError(
+                f"loss_fn=None reads one batch (token ids, a Hugging Face dict or an (x, y) pair) by the library's "
+                f"rule; got {len(inputs)} inputs: give them as one batch, or give loss_fn(model, *inputs)"
+            )
+        loss_fn = _rule_sample_losses
     check_flag(centered, "centered")
     check_flag(per_module, "per_module")
     if torch.is_inference_mode_enabled():
