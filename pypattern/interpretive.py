@@ -115,7 +115,13 @@ def accumulated_residual(
 
     Parameters
     ----------
-    model : Transformer
+    model : Transformer, or a model with residual hook points
+        pypattern's ``Transformer`` (and every converted model), or any model with hook points
+        ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` (a :class:`~pypattern.models.HookedModule`). A Hugging
+        Face causal LM is read as the patching functions read it: through :func:`~pypattern.models.hooked_hf`'s
+        hook points (its own forward; a family with its residual stream alone included), converted with
+        :func:`~pypattern.from_hf` where the adapter does not cover the family (OPT, Granite, BLOOM, Falcon); a
+        TransformerLens model converted.
     tokens : LongTensor ``(n, pos)``, or a mapping with ``input_ids`` (and ``attention_mask``, ``position_ids``)
         Token ids in ``0 .. d_vocab - 1`` (any integer dtype); others are refused by name.
     fwd_hooks : list of ``(hook name, fn)``
@@ -147,10 +153,27 @@ def accumulated_residual(
         positions, concatenated in that order.
     logits : Tensor ``(n, pos, d_vocab)``
     """
-    if not hasattr(model, "cfg") or not hasattr(model, "hooks"):
+    from .patching.api import _hooked_if_hf, _vocab
+
+    model = _hooked_if_hf(model) if isinstance(model, torch.nn.Module) else model
+    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or getattr(model, "n_layers", None)
+    names = (
+        ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+        if isinstance(n_layers, int) and n_layers > 0
+        else []
+    )
+    hook_dict = getattr(model, "hook_dict", None)
+    if not names or not hasattr(model, "hooks") or not isinstance(hook_dict, Mapping):
         raise TypeError(
-            f"model is a {type(model).__name__}; accumulated_residual reads a pypattern Transformer's hook points: "
-            "convert a Hugging Face model with pypattern.from_hf(model) first"
+            f"model is a {type(model).__name__}; accumulated_residual reads the hook points of pypattern's "
+            "Transformer (or a HookedModule's, or a Hugging Face causal LM's through pypattern.hooked_hf): give one "
+            "of those, or convert the model with pypattern.from_hf"
+        )
+    missing = [n for n in names if n not in hook_dict]
+    if missing:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no hook point {missing[0]!r}; accumulated_residual reads "
+            "blocks.0.hook_resid_pre and every blocks.{l}.hook_resid_post"
         )
     if isinstance(tokens, Mapping):
         if "input_ids" not in tokens:
@@ -163,7 +186,7 @@ def accumulated_residual(
     if isinstance(tokens, torch.Tensor) and tokens.dim() == 1:  # one prompt, as the model reads it
         tokens = tokens[None]
     # integer ids in the vocabulary: a negative id would be read from the end of the embedding, a uint8 tensor as a mask
-    tokens = check_tokens(tokens, "tokens", getattr(model.cfg, "d_vocab", None), n_ctx=position_limit(model))
+    tokens = check_tokens(tokens, "tokens", _vocab(model), n_ctx=position_limit(model))
     T = tokens.shape[-1]
     per_input = isinstance(positions, torch.Tensor | np.ndarray) and np.ndim(positions) == 2
     sl = _per_input_positions(positions, tokens.shape[0], T) if per_input else _position_index(positions, T)
@@ -224,8 +247,6 @@ def accumulated_residual(
         if bool((counts == 0).any()):
             row = int((counts[:, 0] == 0).nonzero()[0, 0])
             raise ValueError(f"input {row} has no real token among positions={positions!r}")
-    n_layers = model.cfg.n_layers
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     store: dict[str, torch.Tensor] = {}
 
     def save(x, hook):

@@ -238,6 +238,35 @@ def test_accumulated_residual_and_similarity_on_converted_equal_hf_hooks(arch):
         )
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_accumulated_residual_of_the_unconverted_model_reads_its_hook_points(arch):
+    """An unconverted Hugging Face model is read through pypattern.hooked_hf's residual hook points: the pooled
+    hooked HF residual streams and the model's own logits; with right padding, the converted model's result."""
+    hf = _hf(arch).double()
+    tokens = _tokens(12, seed=4)
+    ours, logits = accumulated_residual(hf, tokens)
+    theirs = torch.cat([x.mean(1) for x in hf_residuals(hf, tokens)], 1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, hf(tokens).logits, rtol=1e-10, atol=1e-10)
+    mask = torch.ones_like(tokens)
+    mask[0, 7:] = 0
+    mask[3, 2:] = 0
+    for positions in (None, -1, slice(1, 5)):
+        a, _ = accumulated_residual(hf, tokens, attention_mask=mask, positions=positions)
+        b, _ = accumulated_residual(pp.from_hf(hf), tokens, attention_mask=mask, positions=positions)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_accumulated_residual_refuses_a_model_without_residual_hook_points():
+    mlp = torch.nn.Sequential(torch.nn.Embedding(V, 8), torch.nn.Linear(8, V))
+    with pytest.raises(TypeError, match=r"model is a Sequential; accumulated_residual reads the hook points"):
+        accumulated_residual(mlp, _tokens(2, seed=0))
+    hooked = pp.models.HookedModule(mlp, {"blocks.0.hook_resid_pre": "0"}, n_layers=1)
+    with pytest.raises(ValueError, match=r"has no hook point 'blocks\.0\.hook_resid_post'"):
+        accumulated_residual(hooked, _tokens(2, seed=0))
+
+
 # ----- concept flags --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_flags_train_and_steer_on_converted_models(arch):
