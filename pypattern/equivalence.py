@@ -1366,14 +1366,47 @@ def _flat_cache(cache, hooks: Sequence[str]) -> torch.Tensor:
     return torch.cat([cache[h].reshape(cache[h].shape[0], -1) for h in hooks], 1)
 
 
-def _check_hooked(model, fn: str) -> None:
-    """A model whose activations ``fn`` reads (it has ``run_with_cache``), or a TypeError pointing to the
-    conversion of a Hugging Face model."""
+def _hooked(model, fn: str, names: Sequence[str] = ()):
+    """The hooked model whose activations ``fn`` reads (it has ``run_with_cache``): a Hugging Face causal LM
+    through :func:`~pypattern.models.hooked_hf`'s hook points, as the patching functions read it, or converted with
+    :func:`~pypattern.from_hf` where the adapter does not cover its family or lacks a hook point of ``names`` (a
+    head's ``hook_z``); a TransformerLens model converted; else a TypeError."""
+    if isinstance(model, torch.nn.Module):
+        from .models.convert import UnsupportedModelError, from_hf
+        from .models.hf import HookedHF
+        from .patching.api import _hooked_if_hf
+
+        wrapped = _hooked_if_hf(model)
+        if (
+            isinstance(wrapped, HookedHF)
+            and wrapped is not model
+            and any(n not in wrapped.hook_dict for n in names)
+        ):
+            try:  # pypattern's model has every hook point
+                wrapped = from_hf(model)
+            except UnsupportedModelError:
+                pass  # the adapter's hook points: the missing ones are named by the caller
+        model = wrapped
     if not hasattr(model, "run_with_cache"):
         raise TypeError(
-            f"model is a {type(model).__name__}; {fn} reads a hooked model's activations: convert a "
-            "Hugging Face model with pypattern.from_hf(model) (or wrap it with pypattern.hooked_hf)"
+            f"model is a {type(model).__name__}; {fn} reads a hooked model's activations: give pypattern's "
+            "Transformer (pypattern.from_hf converts a Hugging Face model), a HookedModule, or a Hugging Face "
+            "causal LM (read through pypattern.hooked_hf)"
         )
+    return model
+
+
+def _site_hook_names(sites, hooks) -> list[str]:
+    """The hook names ``resample_implementations``' ``sites`` and ``hooks`` read (what is not a name is left to its
+    checks)."""
+    names = [h for h in ([hooks] if isinstance(hooks, str) else hooks or ()) if isinstance(h, str)]
+    if isinstance(sites, Sequence) and not isinstance(sites, str):
+        names += [
+            s[0]
+            for s in sites
+            if isinstance(s, Sequence) and not isinstance(s, str) and s and isinstance(s[0], str)
+        ]
+    return names
 
 
 def _check_rep_tokens(model, tokens, argument: str) -> torch.Tensor:
@@ -1422,10 +1455,11 @@ def _rep_hooks(model, hooks, argument: str = "hooks") -> list[str]:
 def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | str | None = None) -> torch.Tensor:
     """``(num_inputs, D)``: the activations at ``hooks`` (one hook name or a list; default: every block's
     ``hook_resid_post``), each input's positions and hooks flattened and concatenated. ``model`` is a hooked model
-    (:class:`~pypattern.models.Transformer` or :class:`~pypattern.models.hooks.HookedModule`); ``tokens`` an
+    (:class:`~pypattern.models.Transformer` or :class:`~pypattern.models.hooks.HookedModule`; a Hugging Face causal
+    LM is read through :func:`~pypattern.models.hooked_hf`'s hook points); ``tokens`` an
     integer ``(num_inputs, pos)`` tensor of ids in its vocabulary. A model in ``train()`` mode whose forward is
     random there (dropout) is read with its ``eval()`` forward, with a warning, and left in its mode."""
-    _check_hooked(model, "representations")
+    model = _hooked(model, "representations", [hooks] if isinstance(hooks, str) else list(hooks or ()))
     tokens = _check_rep_tokens(model, tokens, "tokens")
     hooks = _rep_hooks(model, hooks)
     _refuse_unknown_hooks(model, hooks, "hooks")  # named here, before the forward
@@ -1496,7 +1530,7 @@ def resample_implementations(
     ``hooks``. A model in ``train()`` mode whose forward is random there (dropout) is run with its ``eval()``
     forward, with a warning, and left in its mode: an implementation differs from the model only at ``sites``.
     """
-    _check_hooked(model, "resample_implementations")
+    model = _hooked(model, "resample_implementations", _site_hook_names(sites, hooks))
     tokens = _check_rep_tokens(model, tokens, "tokens")
     sites = _check_sites(sites)
     if counterfactual is not None:

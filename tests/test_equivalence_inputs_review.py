@@ -126,17 +126,23 @@ def test_resample_implementations_refuse_an_unconverted_model_and_bad_hooks():
     assert one(0).shape == (8, 13 * 16)
 
 
-def test_resample_implementations_refuse_an_unconverted_hugging_face_model():
+def test_resample_implementations_of_a_head_convert_an_unconverted_hugging_face_model():
+    # the adapter (pypattern.hooked_hf) has no per-head hook_z: a head's site runs on the converted model, whose
+    # implementations these are
     transformers = pytest.importorskip("transformers")
+    import pypattern as pp
     from pypattern.equivalence import resample_implementations
 
     cfg = transformers.GPT2Config(
         n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8, bos_token_id=0, eos_token_id=0
     )
-    hf = transformers.GPT2LMHeadModel(cfg)
+    hf = transformers.GPT2LMHeadModel(cfg).double()
     tok = torch.randint(0, 20, (3, 4))
-    with pytest.raises(TypeError, match="model is a GPT2LMHeadModel.*pypattern.from_hf"):
-        resample_implementations(hf, tok, [("blocks.0.attn.hook_z", 0)])
+    site = [("blocks.0.attn.hook_z", 0)]
+    ours = resample_implementations(hf, tok, site)(1)
+    torch.testing.assert_close(
+        ours, resample_implementations(pp.from_hf(hf), tok, site)(1), rtol=1e-12, atol=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------------------------- interpretive_equivalence

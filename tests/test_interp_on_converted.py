@@ -258,6 +258,31 @@ def test_accumulated_residual_of_the_unconverted_model_reads_its_hook_points(arc
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_representations_and_implementations_of_the_unconverted_model_equal_the_converted_ones(arch):
+    """representations and resample_implementations read an unconverted Hugging Face model through
+    pypattern.hooked_hf's hook points: the converted model's values, the resampled head outputs included."""
+    hf = _hf(arch).double()
+    tf = pp.from_hf(hf)
+    tokens = _tokens(10, seed=5)
+    torch.testing.assert_close(
+        representations(hf, tokens), representations(tf, tokens), rtol=1e-10, atol=1e-10
+    )
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"]
+    torch.testing.assert_close(
+        representations(hf, tokens, names), representations(tf, tokens, names), rtol=1e-10, atol=1e-10
+    )
+    sites = [("blocks.0.hook_attn_out", None)]
+    for seed in (0, 3):
+        torch.testing.assert_close(
+            resample_implementations(hf, tokens, sites)(seed),
+            resample_implementations(tf, tokens, sites)(seed),
+            rtol=1e-10,
+            atol=1e-10,
+        )
+    assert not torch.allclose(resample_implementations(hf, tokens, sites)(0), representations(hf, tokens))
+
+
 def test_accumulated_residual_refuses_a_model_without_residual_hook_points():
     mlp = torch.nn.Sequential(torch.nn.Embedding(V, 8), torch.nn.Linear(8, V))
     with pytest.raises(TypeError, match=r"model is a Sequential; accumulated_residual reads the hook points"):
