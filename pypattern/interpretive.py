@@ -153,9 +153,12 @@ def accumulated_residual(
         positions, concatenated in that order.
     logits : Tensor ``(n, pos, d_vocab)``
     """
-    from .patching.api import _hooked_if_hf, _vocab
+    from .equivalence import _hooked
+    from .patching.api import _vocab
 
-    model = _hooked_if_hf(model) if isinstance(model, torch.nn.Module) else model
+    if isinstance(model, torch.nn.Module):  # a Hugging Face model read as the patching functions read it
+        patched = [h[0] for h in fwd_hooks if isinstance(h, Sequence) and h and isinstance(h[0], str)]
+        model = _hooked(model, "accumulated_residual", patched)
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or getattr(model, "n_layers", None)
     names = (
         ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]

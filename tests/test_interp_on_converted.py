@@ -257,6 +257,16 @@ def test_accumulated_residual_of_the_unconverted_model_reads_its_hook_points(arc
         b, _ = accumulated_residual(pp.from_hf(hf), tokens, attention_mask=mask, positions=positions)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
+    def zero_head(z, hook):  # a patch at a hook point the adapter does not have: run on the converted model
+        z[:, :, 1] = 0
+        return z
+
+    patch = [("blocks.0.attn.hook_z", zero_head)]
+    a, _ = accumulated_residual(hf, tokens, fwd_hooks=patch)
+    b, _ = accumulated_residual(pp.from_hf(hf), tokens, fwd_hooks=patch)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(a, ours)
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_representations_and_implementations_of_the_unconverted_model_equal_the_converted_ones(arch):
@@ -285,7 +295,9 @@ def test_representations_and_implementations_of_the_unconverted_model_equal_the_
 
 def test_accumulated_residual_refuses_a_model_without_residual_hook_points():
     mlp = torch.nn.Sequential(torch.nn.Embedding(V, 8), torch.nn.Linear(8, V))
-    with pytest.raises(TypeError, match=r"model is a Sequential; accumulated_residual reads the hook points"):
+    with pytest.raises(
+        TypeError, match=r"model is a Sequential; accumulated_residual reads .*pypattern.from_hf"
+    ):
         accumulated_residual(mlp, _tokens(2, seed=0))
     hooked = pp.models.HookedModule(mlp, {"blocks.0.hook_resid_pre": "0"}, n_layers=1)
     with pytest.raises(ValueError, match=r"has no hook point 'blocks\.0\.hook_resid_post'"):
