@@ -160,9 +160,27 @@ def _resolved_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
 
 
 def _supported(m: nn.Module) -> bool:
-    """Whether :func:`default_sites` has a site for ``m``: an ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``,
-    or an RMS norm with a weight whose form :func:`_rms_norm_form` recognises."""
-    return isinstance(m, nn.Linear | nn.Embedding | nn.LayerNorm) or _rms_norm_form(m) is not None
+    """Whether :func:`default_sites` has a site for ``m``: an ``nn.Linear``, Hugging Face ``Conv1D``,
+    ``nn.Embedding``, ``nn.LayerNorm``, or an RMS norm with a weight whose form :func:`_rms_norm_form` recognises."""
+    return (
+        isinstance(m, nn.Linear | nn.Embedding | nn.LayerNorm)
+        or _is_conv1d(m)
+        or _rms_norm_form(m) is not None
+    )
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is Hugging Face's ``Conv1D`` (``transformers.pytorch_utils``; GPT-2's projections): ``y = x W +
+    b`` with ``W (in, out)``, a linear map whose per-sample weight gradient is that of ``nn.Linear`` transposed, so
+    its Gram is the same."""
+    w = getattr(m, "weight", None)
+    return (
+        type(m).__name__ == "Conv1D"
+        and type(m).__module__.startswith("transformers.")
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and getattr(m, "nf", None) == w.shape[1]
+    )
 
 
 def _rms_norm_form(m: nn.Module) -> tuple[float, torch.dtype | None, float, bool] | None:
@@ -290,7 +308,8 @@ def _pname(mod_name: str, attr: str) -> str:
 
 
 def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
-    """Sites of every ``nn.Linear``, ``nn.Embedding``, affine ``nn.LayerNorm`` (over the last dimension) and RMS
+    """Sites of every ``nn.Linear`` (and Hugging Face ``Conv1D``), ``nn.Embedding``, affine ``nn.LayerNorm`` (over
+    the last dimension) and RMS
     norm with a weight whose form :func:`_rms_norm_form` recognises (``nn.RMSNorm``; Hugging Face's Llama, Mistral,
     Qwen, OLMo 2, Granite, Phi-3 and Gemma ``*RMSNorm``, normalising in float32 also in a float64 model), or of
     those among ``modules`` and inside them (see :func:`per_sample_grad_gram`). A weight tied between an embedding
@@ -303,7 +322,7 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
     for n, m in named + partners:
         if _computed_weights(n, m):  # parametrized, all of its parameters frozen: nothing to cover
             continue
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) or _is_conv1d(m):
             bias = _pname(n, "bias") if m.bias is not None and id(m) not in partner_ids else None
             sites.append(GramSite(n, "linear", (_pname(n, "weight"), bias), (n, "output"), (n, "input")))
         elif isinstance(m, nn.Embedding):
@@ -1418,7 +1437,7 @@ def per_sample_grad_gram(
             else:
                 what, example, fix = (
                     "nn.Linear, nn.Embedding, affine nn.LayerNorm and RMS norm modules",
-                    "a Hugging Face Conv1D weight, a norm of another form",
+                    "a convolution, a norm of another form",
                     "name the modules to cover (modules=), give sites= (for a Hugging Face model, convert it "
                     "with pypattern.from_hf: its default sites cover it whole)",
                 )
@@ -1577,8 +1596,8 @@ def per_sample_grad_gram(
                 shared = (
                     " (a module applied once for the whole batch, such as a learned position embedding looked up "
                     "for positions shared by every sample: per-sample gradients cannot be read at it; leave the "
-                    "module out with modules=, or convert a Hugging Face model with pypattern.from_hf(model) where "
-                    "it converts)"
+                    "module out with modules=, convert a Hugging Face model with pypattern.from_hf(model) where it "
+                    "converts, or use pypattern.gram.per_sample_grad_gram_reference, which covers every weight)"
                     if t.shape[0] == 1
                     else ""
                 )

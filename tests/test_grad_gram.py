@@ -633,8 +633,21 @@ def test_default_sites_that_leave_out_trainable_weights_are_refused_and_converte
         .eval()
         .double()
     )
-    with pytest.raises(ValueError, match=r"leave out 8 trainable parameters.*attn.c_attn.weight.*Conv1D"):
+    # its Conv1D projections are linear sites; its learned positions, looked up once for the whole batch, are not
+    with pytest.raises(
+        ValueError, match=r"transformer.wpe: its output has leading size 1 .*per_sample_grad_gram_ref"
+    ):
         per_sample_grad_gram(gpt2, hf_loss, x)
+    blocks = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.bias"]
+    assert all(n in gram_parameters(gpt2, modules=["transformer.h"]) for n in blocks)
+    frozen = {n: p.requires_grad_(n.startswith("transformer.h.")) for n, p in gpt2.named_parameters()}
+    assert sum(p.requires_grad for p in frozen.values()) == 12  # the layer's Conv1D weights, biases and norms
+    torch.testing.assert_close(
+        per_sample_grad_gram(gpt2, hf_loss, x, modules=["transformer.h"]),
+        _naive_gram(gpt2, hf_loss, x),
+        rtol=1e-10,
+        atol=1e-12,
+    )
     for p in llama.parameters():
         p.requires_grad_(isinstance(p, nn.Parameter) and p.dim() == 2)  # the norms frozen: covered as asked
     torch.testing.assert_close(per_sample_grad_gram(llama, hf_loss, x), _naive_gram(llama, hf_loss, x))
