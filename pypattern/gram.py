@@ -307,6 +307,24 @@ def _pname(mod_name: str, attr: str) -> str:
     return f"{mod_name}.{attr}" if mod_name else attr
 
 
+# Hugging Face decoders whose learned position embedding ``wpe`` is looked up once for the whole batch (positions
+# ``(1, pos)``) and added to the token embeddings, and whose dropout ``drop`` then reads that sum
+_SHARED_POSITIONS = ("GPT2Model", "GPTNeoModel")
+
+
+def _shared_positions_sum(model: nn.Module, name: str, m: nn.Embedding) -> str | None:
+    """The name of the module whose input is the per-sample sum a shared position lookup ``m`` (``name``) is added
+    into (GPT-2's and GPT-Neo's ``drop``), or None for any other embedding. There the gradient of each sample's
+    position vectors is read: at ``m``'s own output, broadcast over the batch, only their sum over the samples is."""
+    owner, _, attr = name.rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    if attr != "wpe" or type(parent).__name__ not in _SHARED_POSITIONS:
+        return None
+    if getattr(parent, "wpe", None) is not m or not isinstance(getattr(parent, "drop", None), nn.Dropout):
+        return None
+    return _pname(owner, "drop")
+
+
 def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
     """Sites of every ``nn.Linear`` (and Hugging Face ``Conv1D``), ``nn.Embedding``, affine ``nn.LayerNorm`` (over
     the last dimension) and RMS
@@ -330,6 +348,10 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
                 raise NotImplementedError(
                     f"{n}: nn.Embedding with scale_grad_by_freq or max_norm is not supported"
                 )
+            drop = _shared_positions_sum(model, n, m)
+            if drop is not None:  # looked up once for the batch: read per sample where it is added
+                sites.append(GramSite(n, "positional", (_pname(n, "weight"),), (drop, "input"), (n, "input")))
+                continue
             sites.append(
                 GramSite(
                     n,
@@ -735,7 +757,7 @@ def _site_gram(st, params, cap, batch, method, backend):
             # calls without them read the columns 0 .. pos - 1)
             ids = torch.cat(
                 [
-                    ins[k][0].reshape(batch, -1)
+                    ins[k][0].expand(batch, *ins[k][0].shape[1:]).reshape(batch, -1)
                     if k < len(ins) and torch.is_tensor(ins[k][0])
                     else torch.arange(ds[j].shape[1], device=ds[j].device).expand(batch, -1)
                     for j, k in enumerate(live)
@@ -1269,8 +1291,6 @@ def _eval_mode_throughout(fn: Callable | None = None, *, context: Callable | Non
     return wrap if fn is None else wrap(fn)
 
 
-@_eval_mode_throughout
-@torch.enable_grad()  # gradients are what it computes: also called under torch.no_grad()
 def _rule_sample_losses(model: nn.Module, batch) -> torch.Tensor:
     """``per_sample_grad_gram``'s default ``loss_fn``: each sample's mean loss over its counted tokens by the
     library's one rule (:func:`pypattern.losses.sample_losses`); a sample with no counted token (all padding or
@@ -1290,6 +1310,8 @@ def _rule_sample_losses(model: nn.Module, batch) -> torch.Tensor:
     return terms.sum(-1) / counts
 
 
+@_eval_mode_throughout
+@torch.enable_grad()  # gradients are what it computes: also called under torch.no_grad()
 def per_sample_grad_gram(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -1579,6 +1601,7 @@ def per_sample_grad_gram(
     _check_per_sample_losses(losses)
     batch = losses.shape[0]
     out_keys = {key(r, c) for r, c in roles if r == "out"}
+    shared_ids = {key("in", st.inp) for st in sites if st.kind == "positional" and st.inp is not None}
     targets = []
     rows = set()  # records of a module that runs on the batch's rows flattened with the positions (B T, ...)
     for c, recs in records.items():
@@ -1592,6 +1615,8 @@ def per_sample_grad_gram(
                 and t.shape[0] % batch == 0
             ):
                 rows.add(id(rec))
+            elif c in shared_ids and torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == 1:
+                pass  # positions looked up once for the batch (GPT-2's wpe): the same ids for every sample
             elif torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch:
                 shared = (
                     " (a module applied once for the whole batch, such as a learned position embedding looked up "

@@ -602,8 +602,9 @@ def _naive_gram(model, loss_fn, x):
 
 
 def test_default_sites_that_leave_out_trainable_weights_are_refused_and_converted_models_are_covered():
-    """Hugging Face models may hold weights the default sites do not know (GPT-2's Conv1D): the Gram over them is
-    refused naming those parameters, not computed over the rest. A raw Llama's RMSNorm weights are covered (float32
+    """A model may hold weights the default sites do not know (a convolution): the Gram over them is refused naming
+    those parameters, not computed over the rest. A raw GPT-2 is covered (its Conv1D projections, its positions
+    looked up once for the batch), equal to one backward per sample. A raw Llama's RMSNorm weights are covered (float32
     normalisation inside the float64 model), the Gram equal to one backward per sample; with the norms frozen, the
     rest. A converted GPT-NeoX (no unembedding bias, untied) is covered whole by transformer_lens_sites, equal to
     one backward per sample."""
@@ -633,11 +634,19 @@ def test_default_sites_that_leave_out_trainable_weights_are_refused_and_converte
         .eval()
         .double()
     )
-    # its Conv1D projections are linear sites; its learned positions, looked up once for the whole batch, are not
+    conv = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Flatten(), nn.Linear(3 * 4, 1)).double()
     with pytest.raises(
-        ValueError, match=r"transformer.wpe: its output has leading size 1 .*per_sample_grad_gram_ref"
+        ValueError, match=r"leave out 2 trainable parameters \(\['0.weight', '0.bias'\]; e.g. a convolution"
     ):
-        per_sample_grad_gram(gpt2, hf_loss, x)
+        per_sample_grad_gram(conv, lambda m, z: m(z).squeeze(-1), torch.randn(3, 2, 4, dtype=torch.float64))
+    # its Conv1D projections are linear sites, its learned positions (looked up once for the whole batch) a
+    # positional site read where they are added to each sample's token embeddings
+    torch.testing.assert_close(
+        per_sample_grad_gram(gpt2, hf_loss, x, check=True),
+        _naive_gram(gpt2, hf_loss, x),
+        rtol=1e-10,
+        atol=1e-12,
+    )
     blocks = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.bias"]
     assert all(n in gram_parameters(gpt2, modules=["transformer.h"]) for n in blocks)
     frozen = {n: p.requires_grad_(n.startswith("transformer.h.")) for n, p in gpt2.named_parameters()}
@@ -1122,10 +1131,10 @@ def test_pairwise_gram_on_meta_tensors():
 
 
 def test_reference_covers_every_weight_of_a_hugging_face_model_and_errors_point_to_the_conversion():
-    """The error of the kernel path on Hugging Face GPT-2 (its Conv1D projections are no default site) points to
-    per_sample_grad_gram_reference, which covers every trainable weight: equal to one backward per sample over all
-    parameters (it covered only the default sites' weights, about half the Gram's diagonal). On GPT-Neo, whose
-    learned position embedding is looked up once for the whole batch, the error says why and what to do."""
+    """Hugging Face GPT-2 and GPT-Neo are covered whole by the default sites (Conv1D projections, learned positions
+    looked up once for the batch, read where each sample's sum is formed): equal to per_sample_grad_gram_reference,
+    which covers every trainable weight and equals one backward per sample. A shared lookup added where no site reads
+    each sample's sum is refused, saying why and what to do."""
     transformers = pytest.importorskip("transformers")
     from pypattern import losses
 
@@ -1133,9 +1142,10 @@ def test_reference_covers_every_weight_of_a_hugging_face_model_and_errors_point_
     cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)
     hf = transformers.GPT2LMHeadModel(cfg).double().eval()
     tokens = torch.randint(0, 32, (4, 6))
-    with pytest.raises(ValueError, match="per_sample_grad_gram_reference"):
-        per_sample_grad_gram(hf, losses.sample_losses, tokens)
     ref = per_sample_grad_gram_reference(hf, losses.sample_losses, tokens)
+    torch.testing.assert_close(
+        per_sample_grad_gram(hf, losses.sample_losses, tokens), ref, rtol=1e-10, atol=1e-12
+    )
     params = [p for p in hf.parameters() if p.requires_grad]
     rows = []
     for i in range(4):
@@ -1153,6 +1163,14 @@ def test_reference_covers_every_weight_of_a_hugging_face_model_and_errors_point_
             max_position_embeddings=16,
         )
     ).eval()
+    torch.testing.assert_close(
+        per_sample_grad_gram(neo, losses.sample_losses, tokens),
+        per_sample_grad_gram_reference(neo, losses.sample_losses, tokens),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    # a model whose shared position lookup is added where no site reads each sample's sum: the error says why
+    neo.transformer.drop = nn.Identity()
     with pytest.raises(
         ValueError, match=r"looked up for positions shared by every sample.*modules=.*pypattern\.from_hf"
     ):
