@@ -87,3 +87,30 @@ def test_the_default_refuses_several_inputs_and_a_sample_with_no_counted_token()
     labels[1] = -100
     with pytest.raises(ValueError, match=r"loss_fn=None: samples \[1\] of the batch have no counted token"):
         pp.per_sample_grad_gram(model, None, {"input_ids": ids, "labels": labels})
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_a_raw_gpt2_and_gpt_neo_are_covered_whole_also_left_padded(arch):
+    # Conv1D projections (GPT-2) and learned positions looked up once for the batch, read per sample where they
+    # are added to the token embeddings; a left-padded batch gives its own position_ids
+    import transformers as tr
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = tr.GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=2, n_positions=12)
+        hf = tr.GPT2LMHeadModel(cfg)
+    else:
+        cfg = tr.GPTNeoConfig(vocab_size=30, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=12,
+                              attention_types=[[["global", "local"], 1]], window_size=3)  # fmt: skip
+        hf = tr.GPTNeoForCausalLM(cfg)
+    hf = hf.double().eval()
+    ids = torch.randint(0, 30, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    for b in (ids, batch):
+        G = pp.per_sample_grad_gram(hf, None, b, check=True)
+        ref = _naive_gram(hf, lambda i, b=b: pp.losses.sample_losses(hf, b)[i], 4)
+        torch.testing.assert_close(G, ref, rtol=1e-9, atol=1e-12)
