@@ -217,6 +217,17 @@ def test_interpretive_equivalence_on_converted_models_equals_hf_hooks(pair, meas
     assert not torch.allclose(resample_implementations(ta, tokens, sites_a)(0), rep_a)
 
 
+def _pooled_residuals_match_hf_hooks(model, hf, tokens):
+    """accumulated_residual of ``model`` (``hf`` itself, or its conversion) against the pooled residual streams
+    read with forward hooks on ``hf``, and its logits against ``hf``'s; returns (ours, theirs)."""
+    ours, logits = accumulated_residual(model, tokens)
+    theirs = torch.cat([x.mean(1) for x in hf_residuals(hf, tokens)], 1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, hf(tokens).logits, rtol=1e-10, atol=1e-10)
+    return ours, theirs
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_accumulated_residual_and_similarity_on_converted_equal_hf_hooks(arch):
     """pypattern.interpretive's representation (embedding + every resid_post, mean over positions) of a
@@ -224,11 +235,7 @@ def test_accumulated_residual_and_similarity_on_converted_equal_hf_hooks(arch):
     hf = _hf(arch).double()
     tf = pp.from_hf(hf)
     tokens = _tokens(30, seed=3)
-    ours, logits = accumulated_residual(tf, tokens)
-    theirs = torch.cat([x.mean(1) for x in hf_residuals(hf, tokens)], 1)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, hf(tokens).logits, rtol=1e-10, atol=1e-10)
+    ours, theirs = _pooled_residuals_match_hf_hooks(tf, hf, tokens)
     other = torch.cat([x.mean(1) for x in hf_residuals(_hf(arch, seed=7).double(), tokens)], 1)
     for measure in ("cka", "ridge", "procrustes"):
         np.testing.assert_allclose(
@@ -244,11 +251,7 @@ def test_accumulated_residual_of_the_unconverted_model_reads_its_hook_points(arc
     hooked HF residual streams and the model's own logits; with right padding, the converted model's result."""
     hf = _hf(arch).double()
     tokens = _tokens(12, seed=4)
-    ours, logits = accumulated_residual(hf, tokens)
-    theirs = torch.cat([x.mean(1) for x in hf_residuals(hf, tokens)], 1)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, hf(tokens).logits, rtol=1e-10, atol=1e-10)
+    ours, _ = _pooled_residuals_match_hf_hooks(hf, hf, tokens)
     mask = torch.ones_like(tokens)
     mask[0, 7:] = 0
     mask[3, 2:] = 0
